@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Command-family modules under cnnkit.cli, in the order their commands are listed.
-COMMAND_MODULES = ("models", "train", "eval")
+COMMAND_MODULES = ("models", "train", "runs", "eval")
 
 
 class UsageError(ValueError):

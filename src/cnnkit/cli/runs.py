@@ -1,0 +1,297 @@
+"""`cnnkit evaluate | predict | diagnose RUN_DIR`: inspect a finished (or running) training run.
+
+A run directory holds ``config.json`` + ``model.safetensors`` (the model and the facts of its
+data: class names, normalization statistics, input size) and ``history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+EVALUATION_NAME = "evaluation.json"
+CONFUSION_NAME = "confusion_matrix.png"
+SPLITS = ("test", "dev", "train")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, per-class accuracy and confusion matrix of a run's model on a data split",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `cnnkit train`")
+    p.add_argument("--data", metavar="SPEC", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split (default: test)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="inference batch size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--out", metavar="DIR", help="where to write the outputs (default: RUN_DIR)")
+    p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `cnnkit train`")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (png, jpg, ...)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown (default: 5)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.set_defaults(func=run_predict)
+
+    p = sub.add_parser(
+        "diagnose", help="underfitting / overfitting / train longer, from a run's history"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `cnnkit train`")
+    p.set_defaults(func=run_diagnose)
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise ValueError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: not a directory (expected a run directory)")
+    return run_dir
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise ValueError(f"{flag} must be >= 1, got {value}")
+    return value
+
+
+def _data_section(run_dir: Path, config: dict, *fields: str) -> dict:
+    data = config.get("data")
+    file = run_dir / "config.json"
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: no 'data' section (class names, mean/std, input size)")
+    for name in fields:
+        if name not in data:
+            raise ValueError(f"{file}: field 'data.{name}' is missing")
+    for name in ("mean", "std"):
+        if name in fields and not (
+            isinstance(data[name], list) and all(isinstance(v, (int, float)) for v in data[name])
+        ):
+            raise ValueError(f"{file}: field 'data.{name}' must be a list of numbers")
+    if "std" in fields and any(v <= 0 for v in data["std"]):
+        raise ValueError(f"{file}: field 'data.std' must be positive")
+    return data
+
+
+def _num_classes(model: Any) -> int | None:
+    kwargs = getattr(model, "cnnkit_config", {}).get("kwargs", {})
+    return kwargs.get("num_classes")
+
+
+def _in_chans(config: dict) -> int | None:
+    data = config.get("data") or {}
+    size = data.get("input_size")
+    if isinstance(size, list) and size:
+        return size[0]
+    return config.get("kwargs", {}).get("in_chans")
+
+
+def _check_compatible(run_dir: Path, config: dict, model: Any, dataset: Any, spec: str) -> None:
+    """The data must have the channels and classes the model was trained with."""
+    channels = dataset.images.shape[1] if dataset.images.ndim == 4 else None
+    expected = _in_chans(config)
+    if expected is not None and channels != expected:
+        raise ValueError(
+            f"--data {spec}: images have {channels} channel(s), but the model in {run_dir} "
+            f"expects {expected}"
+        )
+    classes = list(dataset.classes)
+    num_classes = _num_classes(model)
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(
+            f"--data {spec}: {len(classes)} classes, but the model in {run_dir} has "
+            f"{num_classes} outputs"
+        )
+    saved = (config.get("data") or {}).get("classes")
+    if isinstance(saved, list) and [str(c) for c in saved] != [str(c) for c in classes]:
+        raise ValueError(
+            f"--data {spec}: class names {classes[:5]}... differ from the run's {saved[:5]}..."
+        )
+
+
+def _load_options(config: dict) -> dict[str, Any]:
+    """load_data keywords that reproduce the run's splits and image size.
+
+    The split seed is fixed per data set (not the training --seed), so the test split is the
+    one the run was tested on; digits and folders are served at the run's image size.
+    """
+    data = config.get("data") or {}
+    options: dict[str, Any] = {}
+    seed = data.get("split_seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        options["seed"] = seed
+    size = data.get("input_size")
+    if isinstance(size, list) and len(size) == 3 and size[1] == size[2]:
+        options["image_size"] = size[1]
+    return options
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from cnnkit.data.classification import load_data
+    from cnnkit.evaluation.classification import accuracy, confusion_matrix, per_class_accuracy
+    from cnnkit.train.checkpoint import atomic_write_text, load_model, read_config
+    from cnnkit.train.loop import predict_logits
+    from cnnkit.viz import plot_confusion_matrix
+
+    run_dir = _run_dir(args.run_dir)
+    batch_size = _positive(args.batch_size, "--batch-size")
+    device = _device(args.device)
+    config = read_config(run_dir)
+    data = _data_section(run_dir, config, "mean", "std")
+    spec = args.data or data.get("spec")
+    if not spec:
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing; pass --data")
+    model = load_model(run_dir)
+    splits = load_data(spec, **_load_options(config))
+    dataset = getattr(splits, args.split)
+    if len(dataset.labels) == 0:
+        raise ValueError(f"--data {spec}: the {args.split} split is empty")
+    _check_compatible(run_dir, config, model, dataset, spec)
+
+    logits = (
+        predict_logits(
+            model,
+            dataset.images,
+            mean=data["mean"],
+            std=data["std"],
+            batch_size=batch_size,
+            device=device,
+        )
+        .float()
+        .cpu()
+    )
+    labels = dataset.labels.long().cpu()
+    classes = [str(c) for c in dataset.classes]
+    matrix = confusion_matrix(logits, labels, len(classes))
+    per_class = per_class_accuracy(matrix)
+    acc = accuracy(logits, labels)
+    loss = F.cross_entropy(logits, labels).item()
+
+    name = config["name"]
+    print(f"{name} on {spec}, {args.split} split: {len(labels)} images")
+    print(f"accuracy {100 * acc:.2f}%  ({int(matrix.trace())}/{len(labels)})   loss {loss:.4f}")
+    _print_per_class(classes, matrix, per_class)
+
+    out = Path(args.out) if args.out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(matrix, classes, out / CONFUSION_NAME)
+    result = {
+        "model": name,
+        "data": spec,
+        "split": args.split,
+        "images": len(labels),
+        "accuracy": acc,
+        "loss": loss,
+        "classes": classes,
+        "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+        "confusion_matrix": matrix.tolist(),
+        "device": str(device),
+    }
+    atomic_write_text(out / EVALUATION_NAME, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / CONFUSION_NAME} and {out / EVALUATION_NAME}")
+    return 0
+
+
+def _print_per_class(classes: list[str], matrix: Any, per_class: Any) -> None:
+    width = max(5, *(len(c) for c in classes))
+    print(f"{'class'.ljust(width)}  {'images':>6}  {'correct':>7}  {'accuracy':>8}")
+    for i, name in enumerate(classes):
+        total = int(matrix[i].sum())
+        rate = per_class[i].item()
+        shown = "-" if math.isnan(rate) else f"{100 * rate:.2f}%"
+        print(f"{name.ljust(width)}  {total:>6}  {int(matrix[i, i]):>7}  {shown:>8}")
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnkit.data.classification import load_image
+    from cnnkit.evaluation.classification import topk
+    from cnnkit.train.checkpoint import load_model, read_config
+    from cnnkit.train.loop import predict_logits
+
+    run_dir = _run_dir(args.run_dir)
+    k = _positive(args.top_k, "--top-k")
+    device = _device(args.device)
+    config = read_config(run_dir)
+    data = _data_section(run_dir, config, "mean", "std", "classes", "input_size")
+    size = data["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.input_size' must be [C, H, W]")
+    classes = [str(c) for c in data["classes"]]
+    # Read every image before the model runs: a bad file fails fast, naming itself.
+    images = [_read_image(load_image, path, tuple(size)) for path in args.images]
+    model = load_model(run_dir)
+    logits = (
+        predict_logits(
+            model, torch.stack(images), mean=data["mean"], std=data["std"], device=device
+        )
+        .float()
+        .cpu()
+    )
+    if logits.shape[1] != len(classes):
+        raise ValueError(
+            f"{run_dir / 'config.json'}: {len(classes)} class names for {logits.shape[1]} outputs"
+        )
+    probs, indices = topk(logits, min(k, len(classes)))
+    width = max(len(c) for c in classes)
+    for path, p_row, i_row in zip(args.images, probs.tolist(), indices.tolist(), strict=True):
+        print(path)
+        for rank, (p, i) in enumerate(zip(p_row, i_row, strict=True), 1):
+            print(f"  {rank}. {classes[i].ljust(width)}  {100 * p:6.2f}%")
+    return 0
+
+
+def _read_image(load_image: Any, path: str, size: tuple[int, int, int]) -> Any:
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such image file")
+    try:
+        return load_image(path, size)
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises OSError / its own errors for unreadable files
+        raise ValueError(f"{path}: cannot read the image ({err})") from None
+
+
+# --------------------------------------------------------------------------- diagnose
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    from cnnkit.train.checkpoint import read_config
+    from cnnkit.train.diagnose import diagnose
+    from cnnkit.train.history import History
+
+    run_dir = _run_dir(args.run_dir)
+    history = History.load(run_dir)
+    if not history.records:
+        raise ValueError(f"{history.jsonl_path}: no epochs recorded yet")
+    config = read_config(run_dir) if (run_dir / "config.json").is_file() else None
+    print(diagnose(history.records, config))
+    return 0

@@ -1,0 +1,445 @@
+"""Image classification data held in memory as uint8 tensors: digits, CIFAR-10/100, folders.
+
+Every loader returns :class:`DataSplits`: train / dev / test :class:`ImageDataset` s of
+``uint8 [N, C, H, W]`` images and ``int64 [N]`` labels, with the training split's per-channel
+mean and std (in [0, 1] units) for normalization. Data sets of this size (CIFAR-10 is 180 MB as
+uint8) fit in memory, so a batch is one indexing operation and the input pipeline costs nothing.
+
+``spec`` strings (the ``--data`` option):
+
+* ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, values 0..16,
+  10 classes; no download), upsampled to ``image_size`` x ``image_size`` (1 channel) so the
+  CIFAR-style networks apply unchanged; split 1,197 / 300 / 300 (train / dev / test).
+* ``cifar10:PATH``, ``cifar100:PATH``: the official "python version" directories
+  (``data_batch_1..5`` + ``test_batch`` + ``batches.meta``; ``train`` + ``test`` + ``meta``
+  with fine labels). The last 5,000 training images (stratified) are the dev split (45k/5k as
+  in He et al., 2016). The batches are pickles, but nothing is unpickled freely: see
+  :class:`RestrictedUnpickler`.
+* ``folder:PATH``: ``PATH/<class>/*.png|jpg|...`` split 80/10/10, or
+  ``PATH/train/<class>/...`` with ``PATH/test`` and optionally ``PATH/dev`` (else 10% of train
+  is held out). Images are resized to ``image_size`` x ``image_size``; 1 channel when every
+  image is grayscale, else RGB.
+
+Splits are deterministic (seeded) and stratified: each class contributes in proportion.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif")
+SPLITS = ("train", "dev", "test")
+# Digits: 300 test and 300 dev images, the rest (1,197) for training.
+DIGITS_HELD_OUT = 300
+# CIFAR dev split held out of the 50k training images (He et al., 2016, Sec. 4.2).
+CIFAR_DEV = 5000
+# Flat image folders: fraction of each class for dev and for test.
+FOLDER_HOLDOUT = 0.1
+DEFAULT_IMAGE_SIZE = 32
+
+
+@dataclass
+class ImageDataset:
+    """Images ``uint8 [N, C, H, W]``, labels ``int64 [N]`` in ``0..len(classes)-1``."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: Tensor) -> ImageDataset:
+        return ImageDataset(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass
+class DataSplits:
+    """The three splits and the training split's per-channel statistics (in [0, 1] units)."""
+
+    train: ImageDataset
+    dev: ImageDataset
+    test: ImageDataset
+    mean: list[float]
+    std: list[float]
+    spec: str
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        c, h, w = self.train.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def facts(self) -> dict[str, Any]:
+        """The ``data`` section of config.json."""
+        return {
+            "spec": self.spec,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": list(self.input_size),
+            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
+        }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_data(spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE) -> DataSplits:
+    """Load the data set named by ``spec`` (see the module docstring) into memory.
+
+    Args:
+        spec: ``"digits" | "cifar10:PATH" | "cifar100:PATH" | "folder:PATH"``.
+        seed: seed of the train/dev(/test) split (fixed per data set, so evaluation of a run
+            sees the same test split the run did).
+        image_size: side of the square images served for ``digits`` and ``folder`` data.
+
+    Raises:
+        ValueError: unknown spec, missing or malformed data (naming the path or file).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(
+            f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+        raise ValueError(f"image_size={image_size!r} must be an integer >= 4")
+    kind, _, path = spec.partition(":")
+    if kind == "digits" and not path:
+        train, dev, test = _load_digits(seed, image_size)
+    elif kind in ("cifar10", "cifar100") and path:
+        train, dev, test = _load_cifar(Path(path).expanduser(), kind == "cifar100", seed)
+    elif kind == "folder" and path:
+        train, dev, test = _load_folder(Path(path).expanduser(), seed, image_size)
+    else:
+        raise ValueError(
+            f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
+        )
+    for name, split in zip(SPLITS, (train, dev, test), strict=True):
+        if len(split) == 0:
+            raise ValueError(f"--data {spec!r}: the {name} split is empty")
+    mean, std = channel_stats(train.images)
+    return DataSplits(train, dev, test, mean, std, spec)
+
+
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of ``uint8 [N, C, H, W]`` images, in [0, 1] units."""
+    x = images.double().div_(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)  # a constant channel must not divide by 0
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def stratified_order(labels: Tensor, seed: int) -> Tensor:
+    """A permutation of ``range(N)`` whose every prefix holds each class in proportion.
+
+    Each sample of class ``c`` (``n_c`` samples, shuffled) at rank ``r`` gets the key
+    ``(r + u) / n_c`` with ``u ~ U[0, 1)``; sorting by key interleaves the classes, so the
+    first ``k`` samples contain ``k * n_c / N`` (+-1) of class ``c``: a stratified split of any
+    size is a slice.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.empty(labels.shape[0], dtype=torch.float64)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        ranks = torch.arange(idx.numel(), dtype=torch.float64)
+        keys[idx] = (
+            ranks + torch.rand(idx.numel(), generator=g, dtype=torch.float64)
+        ) / idx.numel()
+    return torch.argsort(keys, stable=True)
+
+
+def _hold_out(data: ImageDataset, sizes: list[int], seed: int) -> list[ImageDataset]:
+    """Split ``data`` stratified into parts of ``sizes`` (the first parts) and the rest (last)."""
+    order = stratified_order(data.labels, seed)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(data.subset(order[start : start + size].sort().values))
+        start += size
+    parts.append(data.subset(order[start:].sort().values))
+    return parts
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(seed: int, image_size: int) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
+    # Bilinear upsampling (align_corners=False): 8x8 strokes become smooth 32x32 ones.
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    data = ImageDataset(images, labels, [str(int(c)) for c in bunch.target_names])
+    test, dev, train = _hold_out(data, [DIGITS_HELD_OUT, DIGITS_HELD_OUT], seed)
+    return train, dev, test
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The globals a pickled numpy array refers to, found from numpy itself.
+
+    Asking an array how it pickles gives the reconstructor objects whatever numpy's internal
+    module layout (``numpy.core`` in 1.x, ``numpy._core`` in 2.x); both names are accepted.
+    """
+    a = np.zeros(1, dtype=np.uint8)
+    reconstruct = a.__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct
+    frombuffer = a.__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer (protocol 5)
+    allowed: dict[tuple[str, str], Any] = {}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds dicts, lists, strings, bytes, numbers and numpy arrays only.
+
+    A pickle runs code by naming a callable (GLOBAL / STACK_GLOBAL, resolved by
+    :meth:`find_class`) and calling it (REDUCE / NEWOBJ / INST / OBJ). Containers, strings and
+    numbers need no global at all, so the only globals allowed are those numpy's own array
+    pickling uses: ``numpy.(_)core.multiarray._reconstruct``, ``numpy.ndarray``,
+    ``numpy.dtype``, ``numpy.(_)core.numeric._frombuffer``; and ``_codecs.encode``, which
+    Python 3 uses to pickle ``bytes`` at protocol 2. Anything else (``os.system``,
+    ``builtins.eval``, ...) is refused before it is called.
+    """
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if RestrictedUnpickler._allowed is None:
+            import codecs
+
+            RestrictedUnpickler._allowed = {
+                **_numpy_globals(),
+                ("_codecs", "encode"): codecs.encode,
+            }
+        try:
+            return RestrictedUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+def read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """Read one CIFAR batch file (a pickled dict) without running code from it.
+
+    Keys come back as ``str`` whether the file was written by Python 2 (``str`` keys, read as
+    latin-1) or Python 3 (``bytes`` keys).
+
+    Raises:
+        ValueError: missing file, a pickle that asks for anything but plain data and numpy
+            arrays, or not a dict; the message names the file.
+    """
+    if not path.is_file():
+        raise ValueError(f"CIFAR file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            obj = RestrictedUnpickler(fh, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to unpickle CIFAR file {path}: {err}") from None
+    except Exception as err:  # truncated or garbage: EOFError, ValueError, ...
+        raise ValueError(f"CIFAR file {path} is not a readable pickle ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"CIFAR file {path} holds a {type(obj).__name__}, expected a dict")
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
+
+
+def _cifar_field(batch: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in batch:
+        raise ValueError(f"CIFAR file {path} has no {key!r} entry (keys: {sorted(batch)})")
+    return batch[key]
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+    """``uint8 [N, 3, 32, 32]`` images and ``int64 [N]`` labels of one batch file."""
+    batch = read_cifar_pickle(path)
+    data = np.asarray(_cifar_field(batch, "data", path))
+    labels = np.asarray(_cifar_field(batch, label_key, path))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"CIFAR file {path}: 'data' must be uint8 [N, 3072], found {data.dtype} {list(data.shape)}"
+        )
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"CIFAR file {path}: {label_key!r} must hold {data.shape[0]} integer labels"
+        )
+    images = torch.from_numpy(data.copy()).view(-1, 3, 32, 32)
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _cifar_classes(path: Path, key: str) -> list[str]:
+    names = _cifar_field(read_cifar_pickle(path), key, path)
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"CIFAR file {path}: {key!r} must be a non-empty list of class names")
+    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _load_cifar(
+    root: Path, hundred: bool, seed: int
+) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    if not root.is_dir():
+        raise ValueError(f"CIFAR directory {root} does not exist")
+    if hundred:
+        train_files, test_file, label_key = ["train"], "test", "fine_labels"
+        classes = _cifar_classes(root / "meta", "fine_label_names")
+    else:
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_file, label_key = "test_batch", "labels"
+        classes = _cifar_classes(root / "batches.meta", "label_names")
+    parts = [_cifar_batch(root / name, label_key) for name in train_files]
+    train_x = torch.cat([p[0] for p in parts])
+    train_y = torch.cat([p[1] for p in parts])
+    test_x, test_y = _cifar_batch(root / test_file, label_key)
+    for y, where in ((train_y, train_files[0]), (test_y, test_file)):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise ValueError(
+                f"CIFAR file {root / where}: labels outside 0..{len(classes) - 1} "
+                f"({len(classes)} class names)"
+            )
+    full = ImageDataset(train_x, train_y, classes)
+    # 5k of 50k for dev; a smaller (test-sized) data set keeps the same 10% proportion.
+    dev_size = min(CIFAR_DEV, len(full) // 10)
+    dev, train = _hold_out(full, [dev_size], seed)
+    return train, dev, ImageDataset(test_x, test_y, classes)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def _is_gray(image) -> bool:
+    return image.mode in ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _to_tensor(image, channels: int, image_size: int) -> Tensor:
+    """A PIL image -> ``uint8 [channels, image_size, image_size]`` (bilinear resize)."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _read_class_tree(
+    root: Path, classes: list[str] | None, image_size: int
+) -> tuple[list, Tensor, list[str]]:
+    """PIL images and labels of ``root/<class>/*``; ``classes`` fixes the label order."""
+    found = [d.name for d in _class_dirs(root)]
+    if not found:
+        raise ValueError(f"image folder {root} has no class subdirectories (root/<class>/*.png)")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"image folder {root}: classes {unknown} are not in the train split")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        directory = root / name
+        if not directory.is_dir():
+            continue
+        for file in _image_files(directory):
+            images.append(_open_image(file))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return images, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _stack(images: list, channels: int, image_size: int) -> Tensor:
+    return torch.stack([_to_tensor(im, channels, image_size) for im in images])
+
+
+def _load_folder(
+    root: Path, seed: int, image_size: int
+) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    if (root / "train").is_dir():
+        if not (root / "test").is_dir():
+            raise ValueError(f"image folder {root} has train/ but no test/ subfolder")
+        tree = {"train": _read_class_tree(root / "train", None, image_size)}
+        classes = tree["train"][2]
+        for split in ("dev", "test"):
+            if (root / split).is_dir():
+                tree[split] = _read_class_tree(root / split, classes, image_size)
+        all_images = [im for images, _, _ in tree.values() for im in images]
+        channels = 1 if all(_is_gray(im) for im in all_images) else 3
+        sets = {
+            s: ImageDataset(_stack(images, channels, image_size), labels, classes)
+            for s, (images, labels, _) in tree.items()
+        }
+        if "dev" not in sets:
+            held = max(1, round(len(sets["train"]) * FOLDER_HOLDOUT))
+            sets["dev"], sets["train"] = _hold_out(sets["train"], [held], seed)
+        return sets["train"], sets["dev"], sets["test"]
+    images, labels, classes = _read_class_tree(root, None, image_size)
+    channels = 1 if all(_is_gray(im) for im in images) else 3
+    data = ImageDataset(_stack(images, channels, image_size), labels, classes)
+    held = max(1, round(len(data) * FOLDER_HOLDOUT))
+    if len(data) < 2 * held + 1:
+        raise ValueError(f"image folder {root} holds {len(data)} images: too few to split")
+    test, dev, train = _hold_out(data, [held, held], seed)
+    return train, dev, test
+
+
+def load_image(path: str | os.PathLike, input_size: tuple[int, int, int]) -> Tensor:
+    """One image file as ``float [C, H, W]`` in [0, 1], converted to ``C`` channels and resized.
+
+    Raises:
+        ValueError: the file is missing or not a readable image (naming it), or ``C`` is not
+            1 or 3.
+    """
+    c, h, w = (int(v) for v in input_size)
+    if c not in (1, 3):
+        raise ValueError(f"input_size={tuple(input_size)}: only 1 or 3 channels are supported")
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"image {file} does not exist")
+    from PIL import Image
+
+    image = _open_image(file).convert("L" if c == 1 else "RGB")
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8).reshape(h, w, c)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)

@@ -1,0 +1,560 @@
+"""RoI feature extraction: RoI max pooling (Fast R-CNN), RoIAlign (Mask R-CNN) and the FPN
+multi-scale RoIAlign, with torchvision's signatures and sampling rules, in pure PyTorch.
+
+Both operators are vectorized over all RoIs at once (no per-RoI Python loop): the feature map
+is viewed channels-last as ``[N * H * W, C]`` so that each sampled location is one contiguous
+C-vector. RoIAlign is then a weighted sum of gathered rows (``embedding_bag`` with per-sample
+weights: no ``[samples, C]`` intermediate, and its backward is a scatter-add of the same
+weights); RoI pooling gathers each bin's window, takes the max, and routes the gradient to the
+arg-max through ``gather``. Work is done in chunks of RoIs to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MultiScaleRoIAlign", "RoIAlign", "RoIPool", "roi_align", "roi_pool"]
+
+# Upper bound on gathered elements per chunk (samples x channels): ~64 MB of float32.
+_CHUNK_ELEMENTS = 1 << 24
+# RoI pooling materializes its windows in chunks of ~16 MB (few Python steps, bounded memory).
+_POOL_CHUNK_ELEMENTS = 1 << 22
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        size = (output_size, output_size)
+    else:
+        size = tuple(int(s) for s in output_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(
+            f"output_size must be a positive int or (height, width), got {output_size!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
+def convert_boxes_to_rois(boxes: Tensor | Sequence[Tensor], like: Tensor) -> Tensor:
+    """``Tensor[K, 5]`` (batch index, x1, y1, x2, y2) from ``boxes``.
+
+    ``boxes`` is either already ``Tensor[K, 5]`` or a list with one ``Tensor[L_i, 4]`` per image.
+    """
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(
+                f"boxes must be Tensor[K, 5] or a list of Tensor[L, 4], got {list(boxes.shape)}"
+            )
+        return boxes.to(like.dtype)
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(
+            f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
+        )
+    parts = []
+    for i, b in enumerate(boxes):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            shape = list(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got {shape}")
+        b = b.to(device=like.device, dtype=like.dtype)
+        parts.append(torch.cat((torch.full_like(b[:, :1], i), b), dim=1))
+    if not parts:
+        return like.new_zeros((0, 5))
+    return torch.cat(parts, dim=0)
+
+
+def _check_input(input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be a [N, C, H, W] feature map, got {list(input.shape)}")
+
+
+def _channels_last_rows(input: Tensor) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N * H * W, C]`` (differentiable)."""
+    n, c, h, w = input.shape
+    return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _chunks(total: int, per_item: int, budget: int = _CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    step = max(1, budget // max(per_item, 1))
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
+
+
+# --------------------------------------------------------------------------------- RoIAlign
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``out[b] = sum_t weight[b, t] * rows[index[b, t]]``: a fixed sparse linear map of ``rows``.
+
+    Forward is ``embedding_bag`` (sum mode with per-sample weights). The backward is the
+    transposed map, which is again an ``embedding_bag``: taps sorted by row index form one bag per
+    row over the output gradient. (The built-in backward of ``embedding_bag`` with per-sample
+    weights is many times slower on CPU, and an ``index_add_`` would materialize every tap's
+    C-vector.)
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index, weight)
+        ctx.num_rows = rows.shape[0]
+        return F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        index, weight = ctx.saved_tensors
+        return _transposed_gather(grad.contiguous(), index, weight, ctx.num_rows), None, None
+
+
+def _transposed_gather(grad: Tensor, index: Tensor, weight: Tensor, num_rows: int) -> Tensor:
+    """``g[r] = sum_{(b, t): index[b, t] = r} weight[b, t] * grad[b]`` -> ``[num_rows, C]``."""
+    taps = index.shape[1]
+    flat = index.reshape(-1)
+    # int32 keys sort about twice as fast as int64 ones.
+    key = flat.to(torch.int32) if num_rows < 2**31 else flat
+    order = torch.argsort(key)
+    bag_of_tap = torch.div(order, taps, rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=num_rows)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(
+        bag_of_tap, grad, offsets, per_sample_weights=weight.reshape(-1)[order], mode="sum"
+    )
+
+
+def _axis_samples(
+    start: Tensor, size: Tensor, pooled: int, grid: int, limit: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis for ``grid`` regularly spaced samples in each of ``pooled`` bins.
+
+    Returns ``(index, weight, valid)``: index/weight ``[K, pooled, grid, 2]`` (low and high
+    neighbour), following the Mask R-CNN kernel's boundary rules: a sample beyond ``[-1, limit]``
+    contributes nothing; otherwise it is clamped into ``[0, limit - 1]``.
+    """
+    dtype = start.dtype
+    bin_size = size / pooled  # [K]
+    p = torch.arange(pooled, device=start.device, dtype=dtype)
+    i = torch.arange(grid, device=start.device, dtype=dtype) + 0.5
+    # Same operation order as the reference kernel: start + p * bin + (i + .5) * bin / grid.
+    pos = (
+        start[:, None, None]
+        + p[None, :, None] * bin_size[:, None, None]
+        + i[None, None, :] * bin_size[:, None, None] / grid
+    )
+    valid = (pos >= -1.0) & (pos <= limit)
+    pos = pos.clamp(min=0)
+    low = pos.floor().long()
+    at_edge = low >= limit - 1
+    low = torch.where(at_edge, limit - 1, low)
+    high = torch.where(at_edge, limit - 1, low + 1)
+    pos = torch.where(at_edge, low.to(dtype), pos)
+    frac = pos - low
+    weight = torch.stack((1.0 - frac, frac), dim=-1) * valid[..., None]
+    return torch.stack((low, high), dim=-1), weight, valid
+
+
+def _roi_align_group(
+    rows: Tensor,
+    rois: Tensor,
+    shape: tuple[int, int, int],
+    pooled: tuple[int, int],
+    spatial_scale: float,
+    grid: tuple[int, int],
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign of RoIs that share one sampling grid ``(gh, gw)`` -> ``[K, ph, pw, C]``."""
+    _, height, width = shape
+    ph, pw = pooled
+    gh, gw = grid
+    k = rois.shape[0]
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x1
+    roi_h = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        # Legacy behaviour: misaligned RoIs are forced to be at least 1x1.
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    yi, yw, _ = _axis_samples(y1, roi_h, ph, gh, height)  # [K, ph, gh, 2]
+    xi, xw, _ = _axis_samples(x1, roi_w, pw, gw, width)  # [K, pw, gw, 2]
+    batch = rois[:, 0].long()
+    # Flat row index (n * H + y) * W + x and weight wy * wx / count for every tap of every sample,
+    # laid out [K, ph, pw, (gh, 2, gw, 2)]: one bag of 4 * gh * gw taps per output bin.
+    row_base = (batch[:, None, None, None] * height + yi) * width  # [K, ph, gh, 2]
+    index = row_base[:, :, None, :, :, None, None] + xi[:, None, :, None, None, :, :]
+    weight = yw[:, :, None, :, :, None, None] * xw[:, None, :, None, None, :, :]
+    weight = weight / (gh * gw)
+    taps = 4 * gh * gw
+    index = index.reshape(k * ph * pw, taps)
+    weight = weight.reshape(k * ph * pw, taps).to(rows.dtype)
+    out = _WeightedGather.apply(rows, index, weight)
+    return out.reshape(k, ph, pw, rows.shape[1])
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign (He et al., Mask R-CNN, sec. 3): bilinear sampling, no quantization.
+
+    Each RoI (scaled by ``spatial_scale``, shifted by -0.5 pixel when ``aligned``) is divided into
+    ``output_size`` bins; each bin averages ``gh x gw`` bilinearly interpolated samples on a regular
+    grid, ``gh = sampling_ratio`` or, when ``sampling_ratio <= 0``, ``ceil(roi_height / ph)`` per
+    RoI (likewise ``gw``). Semantics match ``torchvision.ops.roi_align``.
+
+    Args:
+        input: ``Tensor[N, C, H, W]``.
+        boxes: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of
+            ``Tensor[L_i, 4]`` (xyxy), one per image.
+        output_size: ``(ph, pw)`` or an int.
+        spatial_scale: feature-map size / image size (e.g. 1/16).
+        sampling_ratio: samples per bin along each axis; ``<= 0`` for adaptive.
+        aligned: subtract half a pixel so that sample points are pixel centres.
+
+    Returns:
+        ``Tensor[K, C, ph, pw]``; differentiable with respect to ``input``.
+    """
+    _check_input(input)
+    rois = convert_boxes_to_rois(boxes, input)
+    ph, pw = _pair(output_size)
+    n, c, height, width = input.shape
+    k = rois.shape[0]
+    if k == 0 or input.numel() == 0:
+        return input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
+    rows = _channels_last_rows(input)
+    shape = (n, height, width)
+    groups = _align_grids(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+    values, where = [], []
+    for (gh, gw), idx in groups:
+        if gh == 0 or gw == 0:
+            continue  # empty sampling grid: the bins stay 0, as in the reference kernel
+        sub = rois if idx is None else rois[idx]
+        # Chunks bound the tap tables (index + weight); the C-vectors are never materialized.
+        for s, e in _chunks(sub.shape[0], ph * pw * 4 * gh * gw * 4):
+            grid = (gh, gw)
+            values.append(
+                _roi_align_group(rows, sub[s:e], shape, (ph, pw), spatial_scale, grid, aligned)
+            )
+            where.append(torch.arange(s, e, device=rois.device) if idx is None else idx[s:e])
+    if len(values) == 1 and values[0].shape[0] == k and groups[0][1] is None:
+        out = values[0]
+    else:
+        out = input.new_zeros((k, ph, pw, c)) + 0 * input.sum()
+        if values:
+            out = out.index_copy(0, torch.cat(where), torch.cat(values))
+    # A channels-last [K, C, ph, pw] tensor: same values as torchvision's, no transposing copy.
+    return out.permute(0, 3, 1, 2)
+
+
+def _align_grids(
+    rois: Tensor,
+    pooled: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> list[tuple[tuple[int, int], Tensor | None]]:
+    """Group RoIs by sampling grid ``(gh, gw)``; ``None`` indices mean "all RoIs"."""
+    if sampling_ratio > 0:
+        return [((sampling_ratio, sampling_ratio), None)]
+    offset = 0.5 if aligned else 0.0
+    roi_w = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
+    roi_h = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    gh = torch.ceil(roi_h / pooled[0]).long().clamp(min=0)
+    gw = torch.ceil(roi_w / pooled[1]).long().clamp(min=0)
+    key = gh * (int(gw.max()) + 1) + gw
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=uniq.numel()).tolist()
+    gh_u = gh[order].tolist()
+    gw_u = gw[order].tolist()
+    groups, start = [], 0
+    for count in counts:
+        groups.append(((gh_u[start], gw_u[start]), order[start : start + count]))
+        start += count
+    return groups
+
+
+# ----------------------------------------------------------------------------- RoI pooling
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    # C's round(): halves go away from zero (torch.round rounds halves to even).
+    t = torch.trunc(x)
+    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def _pool_bins(start: Tensor, end: Tensor, pooled: int, limit: int) -> tuple[Tensor, Tensor]:
+    """Quantized bin limits ``[lo, hi)`` along one axis, ``[K, pooled]`` int64, clipped to ``[0, limit]``."""
+    size = (end - start + 1).clamp(min=1)
+    bin_size = size / pooled
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)
+    lo = torch.floor(p[None, :] * bin_size[:, None]).long() + start.long()[:, None]
+    hi = torch.ceil((p[None, :] + 1) * bin_size[:, None]).long() + start.long()[:, None]
+    return lo.clamp(0, limit), hi.clamp(0, limit)
+
+
+def roi_pool(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+) -> Tensor:
+    """RoI max pooling (Girshick, Fast R-CNN, sec. 2.1), torchvision's quantization.
+
+    The scaled RoI corners are rounded to the feature grid; the ``(h + 1) x (w + 1)`` cell window
+    is split into ``output_size`` bins with ``floor`` / ``ceil`` limits; each bin takes the max
+    over its cells (an empty bin gives 0). The gradient flows to the arg-max (the first maximum
+    in row-major order).
+
+    Args:
+        input: ``Tensor[N, C, H, W]``.
+        boxes: ``Tensor[K, 5]`` ``(batch_index, x1, y1, x2, y2)`` or a list of ``Tensor[L_i, 4]``.
+        output_size: ``(ph, pw)`` or an int.
+        spatial_scale: feature-map size / image size.
+
+    Returns:
+        ``Tensor[K, C, ph, pw]``.
+    """
+    _check_input(input)
+    rois = convert_boxes_to_rois(boxes, input)
+    ph, pw = _pair(output_size)
+    n, c, height, width = input.shape
+    k = rois.shape[0]
+    if k == 0 or input.numel() == 0:
+        return input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
+    return _RoIPoolFunction.apply(input, rois, (ph, pw), float(spatial_scale))
+
+
+class _RoIPoolFunction(torch.autograd.Function):
+    """Max over each bin's gathered window; the gradient goes to the recorded arg-max."""
+
+    @staticmethod
+    def forward(ctx, input, rois, pooled, spatial_scale):  # type: ignore[override]
+        values, argmax = _roi_pool_forward(input, rois, pooled, spatial_scale)
+        ctx.save_for_backward(argmax)
+        ctx.input_shape = input.shape
+        k, ph, pw = rois.shape[0], *pooled
+        # A channels-last [K, C, ph, pw] tensor: same values as torchvision's, no transposing copy.
+        return values.reshape(k, ph, pw, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (argmax,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        grad_rows = grad.new_zeros((n * h * w + 1, c))
+        grad_rows.scatter_add_(0, argmax, grad.permute(0, 2, 3, 1).reshape(argmax.shape))
+        grad_input = grad_rows[:-1].reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return grad_input, None, None, None
+
+
+def _roi_pool_forward(
+    input: Tensor, rois: Tensor, pooled: tuple[int, int], spatial_scale: float
+) -> tuple[Tensor, Tensor]:
+    """Bin maxima ``[K * ph * pw, C]`` and their flat rows ``n * H * W + y * W + x`` (same shape).
+
+    Empty bins hold 0 and point at the extra row ``N * H * W`` (dropped in the backward).
+    """
+    n, c, height, width = input.shape
+    ph, pw = pooled
+    k = rois.shape[0]
+    x1, y1, x2, y2 = (_round_half_away(rois[:, i] * spatial_scale) for i in range(1, 5))
+    h_lo, h_hi = _pool_bins(y1, y2, ph, height)  # [K, ph]
+    w_lo, w_hi = _pool_bins(x1, x2, pw, width)  # [K, pw]
+    h_len, w_len = (h_hi - h_lo).clamp(min=0), (w_hi - w_lo).clamp(min=0)
+    # A sentinel row of -inf pads bins smaller than their group's window; never a maximum.
+    rows = torch.cat((_channels_last_rows(input), input.new_full((1, c), -math.inf)))
+    sentinel = n * height * width
+    base = rois[:, 0].long() * (height * width)
+    values = input.new_empty((k, ph * pw, c))
+    argmax = torch.empty((k, ph * pw, c), dtype=torch.long, device=input.device)
+    # Group RoIs by their largest bin so that windows are padded to a size near their own.
+    lh, lw = h_len.amax(1), w_len.amax(1)
+    key = lh * (int(lw.max()) + 1) + lw
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=uniq.numel()).tolist()
+    lh_o, lw_o = lh[order].tolist(), lw[order].tolist()
+    # One reused buffer for the gathered windows: fresh multi-MB tensors per chunk cost page
+    # faults that dominate on CPU; chunks of a few MB also stay in cache.
+    buffer = input.new_empty(_POOL_CHUNK_ELEMENTS + ph * pw * int((lh * lw).max()) * c)
+    start = 0
+    for count in counts:
+        idx = order[start : start + count]
+        wh, ww = lh_o[start], lw_o[start]
+        start += count
+        if wh == 0 or ww == 0:
+            continue  # every bin of these RoIs is empty: filled below
+        dy = torch.arange(wh, device=input.device)
+        dx = torch.arange(ww, device=input.device)
+        for s, e in _chunks(idx.numel(), ph * pw * wh * ww * c, _POOL_CHUNK_ELEMENTS):
+            sel = idx[s:e]
+            m = sel.numel() * ph * pw
+            yy = h_lo[sel][:, :, None] + dy  # [k, ph, wh]
+            xx = w_lo[sel][:, :, None] + dx  # [k, pw, ww]
+            ok = (yy < h_hi[sel][:, :, None])[:, :, None, :, None] & (xx < w_hi[sel][:, :, None])[
+                :, None, :, None, :
+            ]
+            flat = base[sel][:, None, None, None, None] + yy[:, :, None, :, None] * width
+            flat = torch.where(ok, flat + xx[:, None, :, None, :], sentinel)  # [k, ph, pw, wh, ww]
+            window = buffer[: m * wh * ww * c].view(m, wh, ww, c)
+            torch.index_select(rows, 0, flat.reshape(-1), out=window.view(-1, c))
+            # max_pool2d returns the first maximum in row-major window order, like the
+            # reference kernel's strict '>' scan, and runs vectorized over channels-last C.
+            best, pos = F.max_pool2d(window.permute(0, 3, 1, 2), (wh, ww), return_indices=True)
+            rows_of_best = torch.gather(flat.reshape(m, wh * ww), 1, pos.reshape(m, c))
+            values.view(-1, ph * pw * c).index_copy_(0, sel, best.reshape(-1, ph * pw * c))
+            argmax.view(-1, ph * pw * c).index_copy_(0, sel, rows_of_best.reshape(-1, ph * pw * c))
+    empty = ((h_len[:, :, None] == 0) | (w_len[:, None, :] == 0)).reshape(k, ph * pw, 1)
+    if bool(empty.any()):  # one host sync; empty bins are rare (RoIs outside the map)
+        values.masked_fill_(empty, 0)
+        argmax.masked_fill_(empty, sentinel)
+    return values.reshape(-1, c), argmax.reshape(-1, c)
+
+
+# -------------------------------------------------------------------------------- modules
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`."""
+
+    def __init__(
+        self,
+        output_size: int | Sequence[int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+class RoIPool(nn.Module):
+    """Module form of :func:`roi_pool`."""
+
+    def __init__(self, output_size: int | Sequence[int], spatial_scale: float) -> None:
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+def fpn_levels(
+    boxes: Tensor,
+    k_min: int,
+    k_max: int,
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> Tensor:
+    """FPN level of each RoI (Lin et al., FPN, eq. 1), relative to ``k_min``.
+
+    ``k = floor(k0 + log2(sqrt(w h) / 224) + eps)`` clamped to ``[k_min, k_max]``; returns
+    ``k - k_min`` (int64 ``[K]``). ``eps`` (as torchvision's LevelMapper) keeps a box of exactly
+    ``224 * 2**j`` pixels on level ``k0 + j`` despite rounding in ``log2``.
+    """
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    level = torch.floor(canonical_level + torch.log2(scale / canonical_scale) + eps)
+    return (level.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
+
+
+def _infer_scale(feature: Tensor, image_size: Sequence[int]) -> float:
+    # Backbones downsample by powers of 2: snap the measured ratio to the nearest one.
+    approx = float(feature.shape[-2]) / float(image_size[0])
+    return 2.0 ** round(math.log2(approx))
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over an FPN: each RoI is pooled from the level that matches its size.
+
+    Args:
+        featmap_names: keys of the feature dict to use, from the finest to the coarsest level.
+        output_size: ``(ph, pw)`` or an int.
+        sampling_ratio: as in :func:`roi_align`.
+        canonical_scale, canonical_level: ``224`` and ``k0 = 4`` of FPN eq. 1.
+
+    ``forward(x, boxes, image_shapes)``: ``x`` maps names to ``[N, C, H_l, W_l]`` maps, ``boxes``
+    is a list of ``Tensor[L_i, 4]`` in image coordinates, ``image_shapes`` the ``(h, w)`` of each
+    (resized) image; the scales of the levels are inferred from the largest image. Returns
+    ``Tensor[sum L_i, C, ph, pw]`` in the order of the boxes. ``aligned=False`` as torchvision.
+    """
+
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        output_size: int | Sequence[int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__()
+        if isinstance(featmap_names, str) or not featmap_names:
+            raise ValueError(
+                f"featmap_names must be a non-empty list of names, got {featmap_names!r}"
+            )
+        self.featmap_names = list(featmap_names)
+        self.output_size = _pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(
+        self,
+        x: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(f"x lacks the feature maps {missing}; it has {list(x)}")
+        if not image_shapes:
+            raise ValueError("image_shapes must not be empty")
+        features = [x[name] for name in self.featmap_names]
+        max_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        scales = [_infer_scale(f, max_size) for f in features]
+        rois = convert_boxes_to_rois(boxes, features[0])
+        kwargs = {"output_size": self.output_size, "sampling_ratio": self.sampling_ratio}
+        if len(features) == 1:
+            return roi_align(features[0], rois, spatial_scale=scales[0], **kwargs)
+        k_min = round(-math.log2(scales[0]))
+        k_max = round(-math.log2(scales[-1]))
+        levels = fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level)
+        c = features[0].shape[1]
+        out = features[0].new_zeros((rois.shape[0], c, *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[idx], spatial_scale=scale, **kwargs)
+            out = out.index_copy(0, idx, pooled.to(out.dtype))
+        return out

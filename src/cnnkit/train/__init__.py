@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, history, diagnosis and the run report."""

@@ -1,0 +1,1032 @@
+"""The training loop: one :class:`Trainer` from the data in memory to a finished run directory.
+
+What a run does (He et al., 2016; Goyal et al., 2017; the lecture's design-and-train cycle):
+
+* SGD with momentum (optionally Nesterov) or AdamW; weight decay, optionally not on norm
+  parameters and biases; a step (divide by 10 at 50% and 75% of training) or cosine schedule
+  with linear warmup, updated every step.
+* The linear scaling rule (Goyal et al., 2017, Sec. 2.1): ``--lr`` is the rate for a reference
+  batch ``--lr-batch``; the rate used is ``lr * global_batch / lr_batch``.
+* Augmentation on whole batches on the training device (:mod:`cnnkit.data.transforms`).
+* Mixed precision (bf16 autocast where the hardware runs it fast), channels_last where that is
+  faster, ``torch.compile`` where the run is long enough to repay the compilation.
+* Every epoch: a history record, the curves, the model and an atomic resume checkpoint; at the
+  end the test figures, metrics.json, the diagnosis and report.md.
+* Resuming re-creates every random stream: the shuffling and augmentation generators and the
+  global generators (dropout, stochastic depth, DropBlock) are seeded from ``(seed, epoch,
+  rank)`` at each epoch start, so a resumed run repeats exactly what the killed one would have
+  done; the RNG states are saved in the checkpoint as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnkit.data.classification import DataSplits, ImageDataset, load_data, stratified_order
+from cnnkit.data.transforms import BatchAugment
+from cnnkit.train import distributed as D
+
+CHECKPOINT_NAME = "last.ckpt"
+METRICS_NAME = "metrics.json"
+CURVES_NAME = "curves.png"
+STATE_FORMAT = 1
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+PRECISIONS = ("auto", "fp32", "bf16")
+TOGGLES = ("auto", "on", "off")
+# torch.compile costs tens of seconds (C++ / Triton code generation) and saves a fraction of
+# each step: below this many steps it does not pay for itself.
+COMPILE_MIN_STEPS = 2000
+# Divide the rate by 10 at these fractions of training (He et al., 2016: 32k and 48k of 64k).
+STEP_MILESTONES = (0.5, 0.75)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training argument (``config.json``'s ``train`` section); None = resolved default."""
+
+    model: str = "resnet20"
+    data: str = "digits"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None
+    lr_batch: int = 128
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None
+    no_decay_norm_bias: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0
+    dropblock: str | None = None
+    dropout: float = 0.0
+    cutout: int = 0
+    norm: str | None = None
+    norm_groups: int | None = None
+    crop_padding: int = 4
+    flip: str = "auto"
+    image_size: int = 32
+    in_chans: int | None = None
+    train_subset: int | None = None
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    deterministic: bool = False
+    sync_bn: bool = False
+    out: str | None = None
+    quiet: bool = False
+    tensorboard: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the option for every argument that cannot be honoured."""
+        for name in ("epochs", "batch_size", "lr_batch", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        for name in ("train_subset", "threads", "in_chans", "norm_groups"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs!r}"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for name in ("drop_path", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)!r}"
+                )
+        if self.cutout < 0 or self.crop_padding < 0:
+            raise ValueError("--cutout and --crop-padding must be >= 0")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("--nesterov needs a non-zero --momentum")
+        choices = {
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "precision": PRECISIONS,
+            "channels_last": TOGGLES,
+            "compile": TOGGLES,
+            "flip": TOGGLES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        parse_dropblock(self.dropblock)
+
+    @property
+    def base_lr(self) -> float:
+        """``--lr`` or its optimizer's default (0.1 for SGD as in He et al.; 1e-3 for AdamW)."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 0.1 if self.optimizer == "sgd" else 1e-3
+
+    @property
+    def decay(self) -> float:
+        """``--weight-decay`` or its optimizer's default (5e-4 for SGD on CIFAR; 0.05 AdamW)."""
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        return 5e-4 if self.optimizer == "sgd" else 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown training arguments {unknown}")
+        return cls(**values)
+
+
+def parse_dropblock(spec: str | None) -> tuple[float, int | None]:
+    """``"PROB[:SIZE]"`` -> ``(prob, size or None)``; ``None`` -> ``(0.0, None)``."""
+    if spec is None or spec == "":
+        return 0.0, None
+    prob_text, _, size_text = str(spec).partition(":")
+    try:
+        prob = float(prob_text)
+        size = int(size_text) if size_text else None
+    except ValueError:
+        raise ValueError(f"--dropblock {spec!r}: expected PROB or PROB:SIZE, e.g. 0.1:3") from None
+    if not 0 <= prob < 1 or (size is not None and size < 1):
+        raise ValueError(f"--dropblock {spec!r}: PROB must be in [0, 1) and SIZE >= 1")
+    return prob, size
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def effective_lr(lr: float, batch_size: int, lr_batch: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): ``lr * batch_size / lr_batch``.
+
+    ``lr`` is the rate tuned for a batch of ``lr_batch``; with ``k`` times the batch, each
+    step averages ``k`` times as many gradients, so it may go ``k`` times as far.
+    """
+    if batch_size < 1 or lr_batch < 1:
+        raise ValueError(f"batch_size={batch_size} and lr_batch={lr_batch} must be >= 1")
+    return lr * batch_size / lr_batch
+
+
+class LRSchedule:
+    """The learning-rate multiplier of every step: linear warmup, then step or cosine decay.
+
+    With ``W`` warmup steps and ``T`` steps in all, step ``s`` (0-based) gets:
+
+    * warmup, ``s < W``: ``(s + 1) / W`` (Goyal et al., 2017, Sec. 2.2: ramp up linearly);
+    * ``"step"``: ``0.1 ** #{m in milestones : s >= m * T}`` (He et al., 2016);
+    * ``"cosine"``: ``(1 + cos(pi * (s - W) / (T - W))) / 2`` (Loshchilov & Hutter, 2017,
+      without restarts).
+
+    A pure function of the step: the state is the step count.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0) -> None:
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"bad schedule length: total={total_steps}, warmup={warmup_steps}")
+        self.kind, self.total, self.warmup = kind, total_steps, warmup_steps
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "step":
+            return 0.1 ** sum(step >= round(m * self.total) for m in STEP_MILESTONES)
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    """Optimizer parameter groups; with ``no_decay_norm_bias``, 1-D tensors (biases, norm
+    scales and shifts) get no weight decay: shrinking a norm's scale changes nothing the next
+    layer cannot undo, it only perturbs the effective learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW, multi-tensor (``foreach``) kernels."""
+    groups = param_groups(model, cfg.decay, cfg.no_decay_norm_bias)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True
+        )
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU when CUDA is available, else the CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16).
+
+    Without them bf16 is emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where it runs fast (CUDA with bf16, CPU with AMX/AVX512-BF16)."""
+    if spec != "auto":
+        return spec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def resolve_channels_last(spec: str, device: torch.device, precision: str) -> bool:
+    """``auto`` -> on for CUDA and for bf16 on CPU; off for fp32 on CPU.
+
+    Measured here (AVX2 CPU, fp32, ResNet-56 training step): channels_last is ~5x slower than
+    NCHW, while oneDNN's bf16 kernels and cuDNN's tensor cores want NHWC.
+    """
+    if spec != "auto":
+        return spec == "on"
+    return device.type == "cuda" or precision == "bf16"
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
+    """``auto`` -> compile unless the run is too short to repay it (fewer than
+    ``COMPILE_MIN_STEPS`` steps), DropBlock's per-step ramp would recompile, or
+    ``--deterministic`` asks for the plain kernels."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if cfg.deterministic or parse_dropblock(cfg.dropblock)[0] > 0:
+        return False
+    if not hasattr(torch, "compile") or sys.platform == "win32":
+        return False
+    return total_steps >= COMPILE_MIN_STEPS
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Tensor:
+    """Logits ``float32 [N, K]`` of ``images`` (``uint8 [N, C, H, W]`` or float in [0, 1]).
+
+    The model runs in eval mode without gradients, normalized by the training statistics.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    device = torch.device(device)
+    prep = BatchAugment(mean, std, crop_padding=0, flip=False)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = []
+        for start in range(0, images.shape[0], batch_size):
+            x = prep(images[start : start + batch_size].to(device), train=False)
+            with autocast(device, precision):
+                outs.append(model(x).float().cpu())
+        k = getattr(model, "num_classes", None)
+        return torch.cat(outs) if outs else torch.empty(0, k or 0)
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def model_overrides(cfg: TrainConfig, data: DataSplits) -> dict[str, Any]:
+    """Constructor arguments for ``cfg.model`` from the data and the regularizer flags.
+
+    A flag the architecture does not take is a ValueError naming both.
+    """
+    from cnnkit.models.registry import model_info
+
+    info = model_info(cfg.model)
+    channels = data.input_size[0]
+    if cfg.in_chans is not None and cfg.in_chans != channels:
+        raise ValueError(
+            f"--in-chans {cfg.in_chans} does not match --data {data.spec}, whose images have "
+            f"{channels} channel(s)"
+        )
+    kwargs: dict[str, Any] = {"num_classes": len(data.classes), "in_chans": channels}
+    drop_block, drop_block_size = parse_dropblock(cfg.dropblock)
+    flags = {
+        "--norm": ("norm", cfg.norm),
+        "--norm-groups": ("norm_groups", cfg.norm_groups),
+        "--drop-path": ("drop_path_rate", cfg.drop_path or None),
+        "--dropout": ("dropout", cfg.dropout or None),
+        "--dropblock": ("drop_block", drop_block or None),
+        "--dropblock SIZE": ("drop_block_size", drop_block_size),
+    }
+    accepted = inspect.signature(info.builder).parameters
+    for flag, (name, value) in flags.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"{flag} is not supported by model {cfg.model!r}")
+        kwargs[name] = value
+    for name, value in cfg.model_args.items():
+        if name not in accepted:
+            raise ValueError(f"--model-arg {name}: model {cfg.model!r} has no such argument")
+        kwargs[name] = value
+    return kwargs
+
+
+def build_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
+    from cnnkit.models.registry import create_model
+
+    return create_model(cfg.model, **model_overrides(cfg, data))
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state as plain data (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """A distinct, reproducible seed for each (run seed, epoch, rank, stream)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + stream) % 2**62
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    compute_seconds: float
+    lr: float
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    kind = cfg.data.partition(":")[0]
+    if kind != "digits":
+        kind += "-" + Path(cfg.data.partition(":")[2].rstrip("/")).name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model}-{kind}-{stamp}"
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.data`` and writes the run directory.
+
+    Args:
+        cfg: the training arguments.
+        data: data already in memory (default: ``load_data(cfg.data)``).
+        run_dir: where to write (default: ``cfg.out`` or ``runs/<model>-<data>-<time>``).
+        resume: the state read from ``last.ckpt`` to continue from.
+        log: a function taking one line of text (default: ``print`` on rank 0).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        data: DataSplits | None = None,
+        run_dir: str | os.PathLike | None = None,
+        resume: dict[str, Any] | None = None,
+        log=None,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = D.init_from_env(use_cuda=_wants_cuda(cfg.device))
+        self.device = resolve_device(cfg.device, self.ctx.local_rank)
+        self._log = log
+        self._setup_determinism()
+        self.data = data if data is not None else load_data(cfg.data, image_size=cfg.image_size)
+        if cfg.train_subset is not None and cfg.train_subset < len(self.data.train):
+            order = stratified_order(self.data.train.labels, cfg.seed)
+            keep = order[: cfg.train_subset].sort().values
+            self.data = dataclasses.replace(self.data, train=self.data.train.subset(keep))
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn(
+                "--precision bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow",
+                stacklevel=2,
+            )
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, self.precision)
+
+        seed_everything(cfg.seed)  # the initial weights depend on the seed alone
+        self.model = build_model(cfg, self.data).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.drop_block_prob = parse_dropblock(cfg.dropblock)[0]
+
+        self.world_batch = cfg.batch_size * self.ctx.world_size
+        n_train = len(self.data.train)
+        shard = -(-n_train // self.ctx.world_size)
+        self.drop_last_batch = False
+        self.steps_per_epoch = max(1, -(-shard // cfg.batch_size))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.use_compile = resolve_compile(cfg, self.device, self.total_steps)
+        # Compiled graphs are specialized to the batch shape: a ragged last batch would
+        # compile a second graph. A last batch of one sample cannot train BatchNorm.
+        ragged = (self.use_compile and shard % cfg.batch_size) or shard % cfg.batch_size == 1
+        if ragged and shard >= cfg.batch_size:
+            self.drop_last_batch = True
+            self.steps_per_epoch = shard // cfg.batch_size
+            self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        self.lr = effective_lr(cfg.base_lr, self.world_batch, cfg.lr_batch)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.schedule = LRSchedule(cfg.schedule, self.total_steps, min(warmup, self.total_steps))
+
+        self.net = D.wrap_model(self.model, self.ctx, self.device, cfg.sync_bn)
+        if cfg.sync_bn and self.ctx.enabled:
+            self.model = self.net.module
+        self.step_net = self._compiled(self.net) if self.use_compile else self.net
+        self._compile_checked = not self.use_compile
+
+        flip = cfg.flip == "on" or (cfg.flip == "auto" and cfg.data != "digits")
+        self.augment = BatchAugment(
+            self.data.mean,
+            self.data.std,
+            crop_padding=cfg.crop_padding,
+            flip=flip,
+            cutout_size=cfg.cutout,
+            channels_last=self.channels_last,
+        )
+        # The whole (uint8) training set lives on the device: a batch is one gather.
+        self.train_x = self.data.train.images.to(self.device)
+        self.train_y = self.data.train.labels.to(self.device)
+
+        self.run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
+        self.epoch = 0
+        self.global_step = 0
+        self.train_seconds = 0.0
+        self.history = None
+        self.writer = None
+        if resume is not None:
+            self._load_state(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def log(self, text: str) -> None:
+        if not self.ctx.is_main:
+            return
+        if self._log is not None:
+            self._log(text)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    def _setup_determinism(self) -> None:
+        cfg = self.cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _compiled(self, net: nn.Module) -> nn.Module:
+        try:
+            return torch.compile(net)
+        except Exception as err:  # no compiler, unsupported platform: train eagerly
+            self._compile_failed(err)
+            return net
+
+    def _compile_failed(self, err: BaseException) -> None:
+        warnings.warn(
+            f"torch.compile is unavailable ({type(err).__name__}: {str(err)[:200]}); "
+            "training without it",
+            stacklevel=3,
+        )
+        self.use_compile = False
+        self.step_net = self.net
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a prepared batch; returns (summed loss, correct) as tensors."""
+        if not self._compile_checked:
+            # The first call compiles; a compiler failure falls back to eager mode once.
+            try:
+                out = self._step(self.step_net, x, y)
+            except Exception as err:
+                if isinstance(err, TrainingDiverged):
+                    raise
+                self._compile_failed(err)
+                out = self._step(self.net, x, y)
+            self._compile_checked = True
+            return out
+        return self._step(self.step_net, x, y)
+
+    def _step(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            n = y.shape[0]
+            return loss.detach() * n, (logits.argmax(1) == y).sum()
+
+    def set_lr(self, step: int) -> float:
+        factor = self.schedule.factor(step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        if self.drop_block_prob > 0:
+            from cnnkit.layers.regularize import set_drop_block
+
+            # DropBlock (Ghiasi et al., 2018, Sec. 3): keep_prob decreases linearly to target.
+            set_drop_block(self.model, self.drop_block_prob * min(1.0, step / self.total_steps))
+        return self.base_lrs[0] * factor
+
+    # ------------------------------------------------------------------ epochs
+
+    def _epoch_streams(self, epoch: int) -> torch.Generator:
+        cfg, rank = self.cfg, self.ctx.rank
+        seed_everything(stream_seed(cfg.seed, epoch, rank, 0))
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(stream_seed(cfg.seed, epoch, rank, 0))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(stream_seed(cfg.seed, epoch, rank, 1))
+        return gen
+
+    def train_epoch(self, epoch: int, progress=None) -> EpochStats:
+        """Train epoch ``epoch`` (1-based) over this rank's shard; figures summed over ranks."""
+        cfg = self.cfg
+        gen = self._epoch_streams(epoch)
+        index = D.shard_indices(
+            len(self.train_y),
+            epoch=epoch,
+            seed=cfg.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        ).to(self.device)
+        self.net.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        sync_every = 1 if self.device.type == "cpu" else 10
+        start = time.perf_counter()
+        compute = 0.0
+        lr = self.lr
+        for b in range(self.steps_per_epoch):
+            idx = index[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            lr = self.set_lr(self.global_step)
+            x = self.augment(self.train_x[idx], train=True, generator=gen)
+            y = self.train_y[idx]
+            t0 = time.perf_counter()
+            loss_sum, correct = self.train_step(x, y)
+            compute += time.perf_counter() - t0
+            sums[0] += loss_sum
+            sums[1] += correct
+            sums[2] += y.shape[0]
+            self.global_step += 1
+            if (b + 1) % sync_every == 0 or b + 1 == self.steps_per_epoch:
+                total = sums.tolist()
+                if not math.isfinite(total[0]):
+                    self._diverged(epoch, b + 1)
+                if progress is not None:
+                    elapsed = time.perf_counter() - start
+                    progress.update(b + 1 - progress.n)
+                    progress.set_postfix(
+                        loss=f"{total[0] / total[2]:.4f}",
+                        acc=f"{total[1] / total[2]:.2%}",
+                        lr=f"{lr:.4g}",
+                        img_s=f"{total[2] * self.ctx.world_size / max(elapsed, 1e-9):.0f}",
+                        refresh=False,
+                    )
+        D.all_reduce_sum(sums, self.ctx)
+        seconds = time.perf_counter() - start
+        loss, correct, count = sums.tolist()
+        if not math.isfinite(loss):
+            self._diverged(epoch, self.steps_per_epoch)
+        D.broadcast_buffers(self.model, self.ctx)
+        return EpochStats(loss / count, correct / count, int(count), seconds, compute, lr)
+
+    def _diverged(self, epoch: int, step: int) -> None:
+        ckpt = self.run_dir / CHECKPOINT_NAME
+        last = (
+            f"the last good checkpoint is {ckpt} (epoch {self.epoch}), left intact"
+            if ckpt.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDiverged(
+            f"non-finite training loss at epoch {epoch}, step {step}; {last}. Try a lower --lr, "
+            "a longer --warmup-epochs or --precision fp32"
+        )
+
+    @torch.no_grad()
+    def evaluate(self, split: ImageDataset) -> tuple[float, float]:
+        """(mean loss, accuracy) of the model on ``split``, each rank taking a share."""
+        share = D.eval_shard(len(split), self.ctx.rank, self.ctx.world_size)
+        images, labels = split.images[share], split.labels[share]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.model.eval()
+        for start in range(0, len(labels), 512):
+            x = self.augment(images[start : start + 512].to(self.device), train=False)
+            y = labels[start : start + 512].to(self.device)
+            with autocast(self.device, self.precision):
+                logits = self.model(x).float()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum")
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += y.shape[0]
+        self.model.train()
+        D.all_reduce_sum(sums, self.ctx)
+        loss, correct, count = sums.tolist()
+        return loss / max(count, 1), correct / max(count, 1)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        """The resume state: plain data only (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"kind": self.schedule.kind, "step": self.global_step},
+            "sampler": {"epoch": self.epoch, "position": 0, "seed": self.cfg.seed},
+            "rng": rng_state(),
+            "train_seconds": self.train_seconds,
+            "world_size": self.ctx.world_size,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        where = str(self.run_dir / CHECKPOINT_NAME)
+        try:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {STATE_FORMAT}")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch = int(state["epoch"])
+            self.global_step = int(state["global_step"])
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"resume state {where} does not fit this run: {err}") from None
+        if int(state.get("world_size", 1)) != self.ctx.world_size:
+            self.log(
+                f"note: resuming a run of {state.get('world_size')} process(es) with "
+                f"{self.ctx.world_size}; the batch order changes from here on"
+            )
+
+    def save_checkpoint(self) -> None:
+        from cnnkit.train.checkpoint import save_model, save_state
+
+        self.save_model_files(save_model)
+        save_state(self.run_dir / CHECKPOINT_NAME, self.state())
+
+    def save_model_files(self, save_model=None) -> None:
+        if save_model is None:
+            from cnnkit.train.checkpoint import save_model
+        save_model(self.model, self.run_dir, data=self.data.facts(), train=self.train_section())
+
+    def train_section(self) -> dict[str, Any]:
+        values = self.cfg.to_dict()
+        values["out"] = str(self.run_dir)
+        values["threads"] = torch.get_num_threads() if self.cfg.deterministic else values["threads"]
+        values["resolved"] = {
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.use_compile,
+            "lr": self.lr,
+            "global_batch": self.world_batch,
+            "world_size": self.ctx.world_size,
+            "weight_decay": self.cfg.decay,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+        return values
+
+    # ------------------------------------------------------------------ the run
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.model.parameters())
+        d = self.data
+        lines = [
+            f"model {cfg.model} ({n:,} parameters) on {d.spec}: {len(d.train)} train / "
+            f"{len(d.dev)} dev / {len(d.test)} test images {'x'.join(map(str, d.input_size))}, "
+            f"{len(d.classes)} classes",
+            f"device {self.device}, precision {self.precision}, "
+            f"{'channels_last' if self.channels_last else 'NCHW'}, "
+            f"{'compiled' if self.use_compile else 'eager'}"
+            + (
+                f", {self.ctx.world_size} processes ({self.ctx.backend})"
+                if self.ctx.enabled
+                else ""
+            )
+            + f", {torch.get_num_threads()} thread(s)",
+            f"{cfg.optimizer} {cfg.schedule} schedule, {cfg.epochs} epochs x "
+            f"{self.steps_per_epoch} steps, batch {self.world_batch}; effective lr "
+            f"{self.lr:.4g} = {cfg.base_lr:g} x {self.world_batch} / {cfg.lr_batch} "
+            f"(linear scaling rule), warmup {cfg.warmup_epochs:g} epoch(s)",
+        ]
+        return "\n".join(lines)
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, then test, save and report; returns metrics.json's dict."""
+        from cnnkit.train.history import History
+
+        cfg = self.cfg
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.epoch == 0:
+                self.history = History(self.run_dir)
+                self.save_model_files()  # config.json (with the train section) from the start
+            else:
+                self.history = History.load(self.run_dir)
+                self.history.truncate(self.epoch)
+            self._open_tensorboard()
+        self.log(self.describe())
+        self.log(f"run directory: {self.run_dir}")
+        if self.epoch:
+            self.log(f"resuming after epoch {self.epoch}")
+        try:
+            for epoch in range(self.epoch + 1, cfg.epochs + 1):
+                self._run_epoch(epoch)
+            return self._finish()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def _progress(self, epoch: int):
+        if not self.ctx.is_main or self.cfg.quiet:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch}/{self.cfg.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def _run_epoch(self, epoch: int) -> None:
+        progress = self._progress(epoch)
+        try:
+            stats = self.train_epoch(epoch, progress)
+            dev_loss, dev_acc = self.evaluate(self.data.dev)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{stats.loss:.4f}",
+                    acc=f"{stats.accuracy:.2%}",
+                    dev_acc=f"{dev_acc:.2%}",
+                    lr=f"{stats.lr:.4g}",
+                    img_s=f"{stats.images / stats.seconds:.0f}",
+                )
+        finally:
+            if progress is not None:
+                progress.close()
+        self.epoch = epoch
+        self.train_seconds += stats.seconds
+        record = {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "dev_loss": dev_loss,
+            "dev_accuracy": dev_acc,
+            "lr": stats.lr,
+            "images_per_second": stats.images / stats.seconds,
+            "epoch_seconds": stats.seconds,
+        }
+        if self.cfg.quiet:
+            self.log(
+                f"epoch {epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f} acc "
+                f"{stats.accuracy:.2%}, dev loss {dev_loss:.4f} acc {dev_acc:.2%}, lr "
+                f"{stats.lr:.4g}, {record['images_per_second']:.0f} img/s, {stats.seconds:.1f} s"
+            )
+        if self.ctx.is_main:
+            self._write_epoch(record)
+        D.barrier(self.ctx)
+
+    def _write_epoch(self, record: dict[str, Any]) -> None:
+        from cnnkit.viz import plot_curves
+
+        # Order matters for a kill at any moment: history and curves first, then the model
+        # and last.ckpt (each atomic). A resume truncates the history to the checkpoint.
+        self.history.append(record)
+        plot_curves(self.history.records, self.run_dir / CURVES_NAME)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+        self.save_checkpoint()
+
+    def _open_tensorboard(self) -> None:
+        if not self.cfg.tensorboard:
+            return
+        self.writer = open_tensorboard(self.run_dir)
+
+    def _finish(self) -> dict[str, Any]:
+        from cnnkit.train.checkpoint import atomic_write_text, read_config
+        from cnnkit.train.diagnose import diagnose
+        from cnnkit.train.report import write_report
+
+        test_loss, test_acc = self.evaluate(self.data.test)
+        spread = D.max_replica_difference(self.model, self.ctx)
+        if not self.ctx.is_main:
+            return {}
+        records = self.history.records
+        metrics = {
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "best_dev_accuracy": max((r["dev_accuracy"] for r in records), default=float("nan")),
+            "final_dev_accuracy": records[-1]["dev_accuracy"] if records else float("nan"),
+            "epochs": self.epoch,
+            "train_seconds": self.train_seconds,
+            "effective_lr": self.lr,
+            "global_batch": self.world_batch,
+            "world_size": self.ctx.world_size,
+            "replica_max_abs_diff": spread,
+        }
+        atomic_write_text(self.run_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
+        self.save_model_files()
+        config = read_config(self.run_dir)
+        diagnosis = diagnose(records, config)
+        write_report(self.run_dir, config=config, metrics=metrics, diagnosis=diagnosis)
+        self.log(
+            f"test accuracy {test_acc:.2%} (loss {test_loss:.4f}) after {self.epoch} epochs, "
+            f"{self.train_seconds:.1f} s of training"
+        )
+        self.log(str(diagnosis))
+        self.log(f"run directory: {self.run_dir} (report.md, metrics.json, model.safetensors)")
+        return metrics
+
+    def close(self) -> None:
+        D.shutdown(self.ctx)
+
+
+def _wants_cuda(spec: str) -> bool:
+    return spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
+
+
+def open_tensorboard(run_dir: Path):
+    """A TensorBoard SummaryWriter on ``run_dir``; ValueError when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "--tensorboard needs the tensorboard package (pip install tensorboard)"
+        ) from None
+    return SummaryWriter(log_dir=str(run_dir))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """Build a :class:`Trainer` for ``cfg``, run it, release the process group."""
+    trainer = Trainer(cfg, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def resume(run_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` with its saved training arguments."""
+    from cnnkit.train.checkpoint import load_state, read_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {run_dir}: no such run directory")
+    config = read_config(run_dir)
+    if "train" not in config or not isinstance(config["train"], dict):
+        raise ValueError(f"--resume {run_dir}: config.json has no 'train' section")
+    values = {k: v for k, v in config["train"].items() if k != "resolved"}
+    cfg = TrainConfig.from_dict(values, where=f"{run_dir / 'config.json'} 'train'")
+    ckpt = run_dir / CHECKPOINT_NAME
+    # Stopped before its first checkpoint: start over with the same arguments (same result).
+    state = load_state(ckpt) if ckpt.is_file() else None
+    return train(cfg, run_dir=run_dir, resume=state, **kwargs)

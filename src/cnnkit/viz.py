@@ -1,0 +1,154 @@
+"""Pictures a practitioner looks at: learning curves, confusion matrices, PR curves.
+
+Matplotlib with the Agg backend (no display needed); every function writes one PNG.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def _save_png(fig, path) -> None:
+    """Write ``fig`` to ``path`` through a temporary file + rename: a reader never sees half a PNG."""
+    import io
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _series(records: list[dict], key: str) -> list[float]:
+    out = []
+    for record in records:
+        value = record.get(key)
+        out.append(float(value) if isinstance(value, (int, float)) else float("nan"))
+    return out
+
+
+def plot_curves(records: list[dict], path) -> None:
+    """Learning curves of a run: loss (left) and accuracy in % (right), train vs dev, per epoch.
+
+    ``records`` are history records (``epoch``, ``train_loss``, ``train_accuracy``,
+    ``dev_loss``, ``dev_accuracy``; accuracies as fractions). Missing or NaN values leave gaps;
+    a single record draws markers.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not records:
+        raise ValueError("plot_curves: no records to plot")
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(records)]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = ((ax_loss, "loss", 1.0, "loss"), (ax_acc, "accuracy", 100.0, "accuracy (%)"))
+    for ax, key, scale, label in panels:
+        for split, style in (("train", "-o"), ("dev", "-s")):
+            values = [v * scale for v in _series(records, f"{split}_{key}")]
+            if all(v != v for v in values):  # all NaN: the split was not measured
+                continue
+            ax.plot(epochs, values, style, label=split, markersize=3 if len(epochs) > 20 else 5)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    ax_loss.set_title("loss")
+    ax_acc.set_title("accuracy")
+    if len(epochs) == 1:
+        for ax in (ax_loss, ax_acc):
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_confusion_matrix(matrix, classes: list[str], path) -> None:
+    """Confusion matrix ``[K, K]`` (rows = true class, columns = predicted) as a PNG.
+
+    Cells are coloured by the row-normalized rate (the share of each true class) and, for up
+    to 30 classes, labelled with the counts.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix.tolist() if hasattr(matrix, "tolist") else matrix, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"plot_confusion_matrix: matrix must be [K, K], got {list(counts.shape)}")
+    k = counts.shape[0]
+    if len(classes) != k:
+        raise ValueError(f"plot_confusion_matrix: {len(classes)} class names for a {k}x{k} matrix")
+    totals = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    size = min(4 + 0.45 * k, 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 30:
+        ticks = range(k)
+        ax.set_xticks(ticks, [str(c) for c in classes], rotation=90 if k > 10 else 0)
+        ax.set_yticks(ticks, [str(c) for c in classes])
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    color = "white" if rates[i, j] > 0.5 else "black"
+                    ax.text(
+                        j, i, str(counts[i, j]), ha="center", va="center", color=color, fontsize=8
+                    )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = np.trace(counts) / max(int(counts.sum()), 1)
+    ax.set_title(f"confusion matrix (accuracy {100 * accuracy:.2f}%, n={int(counts.sum())})")
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def plot_pr_curves(curves, path, title: str = "precision / recall") -> None:
+    """Precision/recall curves, one line each, as a PNG.
+
+    ``curves`` maps a label to ``(recall [N], precision [N])`` (e.g. COCO's mean interpolated
+    precision at IoU .50 and .75, or one VOC curve per class); the legend gives each label.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not curves:
+        raise ValueError("plot_pr_curves: no curves to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, (recall, precision) in curves.items():
+        r = np.asarray(recall, dtype=np.float64).reshape(-1)
+        p = np.asarray(precision, dtype=np.float64).reshape(-1)
+        if r.shape != p.shape:
+            raise ValueError(f"plot_pr_curves: {label!r} has {r.size} recalls, {p.size} precisions")
+        ax.plot(r, p, label=str(label), linewidth=1.2)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7 if len(curves) > 8 else 9, ncol=2 if len(curves) > 12 else 1)
+    fig.tight_layout()
+    _save_png(fig, path)

@@ -1,0 +1,277 @@
+"""Loaders of cnnkit.data.classification on data built in the test: digits, CIFAR, folders."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.data.classification import (
+    RestrictedUnpickler,
+    channel_stats,
+    load_data,
+    load_image,
+    read_cifar_pickle,
+    stratified_order,
+)
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_splits_are_stratified_disjoint_and_complete():
+    from sklearn.datasets import load_digits
+
+    d = load_data("digits")
+    assert (len(d.train), len(d.dev), len(d.test)) == (1197, 300, 300)
+    assert d.input_size == (1, 32, 32)
+    assert d.train.images.dtype == torch.uint8 and d.train.labels.dtype == torch.int64
+    assert d.classes == [str(i) for i in range(10)]
+    # Stratified: each class is in the 300-image test split in proportion (+-1).
+    counts = torch.bincount(d.test.labels, minlength=10)
+    total = np.bincount(load_digits().target, minlength=10)
+    expected = total * 300 / total.sum()
+    assert np.all(np.abs(counts.numpy() - expected) <= 1.0)
+    all_labels = torch.cat([d.train.labels, d.dev.labels, d.test.labels])
+    assert np.array_equal(torch.bincount(all_labels).numpy(), total)
+
+
+def test_digits_are_deterministic_and_stats_are_of_the_train_split():
+    a, b = load_data("digits"), load_data("digits")
+    assert torch.equal(a.test.labels, b.test.labels) and torch.equal(a.test.images, b.test.images)
+    x = a.train.images.double() / 255
+    assert a.mean[0] == pytest.approx(float(x.mean()), abs=1e-9)
+    assert a.std[0] == pytest.approx(float(x.std()), abs=1e-9)
+
+
+def test_digits_splits_partition_the_originals():
+    from sklearn.datasets import load_digits
+
+    d = load_data("digits", image_size=8)  # no resampling at the native size: exact pixels
+    bunch = load_digits()
+    originals = sorted(
+        (np.round(im / 16 * 255).astype(np.uint8).tobytes(), int(t))
+        for im, t in zip(bunch.images, bunch.target, strict=True)
+    )
+    served = sorted(
+        (im[0].numpy().tobytes(), int(t))
+        for split in (d.train, d.dev, d.test)
+        for im, t in zip(split.images, split.labels, strict=True)
+    )
+    assert served == originals  # every image in exactly one split, with its label
+
+
+def test_stratified_order_prefixes_are_proportional():
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    order = stratified_order(labels, seed=3)
+    assert sorted(order.tolist()) == list(range(100))
+    for k in (10, 20, 50):
+        counts = torch.bincount(labels[order[:k]], minlength=3).double()
+        assert torch.all((counts - torch.tensor([0.6, 0.3, 0.1]) * k).abs() <= 1.0)
+
+
+def test_bad_specs_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="expected digits"):
+        load_data("mnist")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_data(f"cifar10:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_data(f"folder:{tmp_path / 'nowhere'}")
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+def _write_batch(path, n, num_classes, rng, label_key="labels", protocol=pickle.DEFAULT_PROTOCOL):
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in np.arange(n) % num_classes]
+    batch = {
+        b"batch_label": b"fake batch",
+        label_key.encode(): labels,
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
+    if label_key == "fine_labels":
+        batch[b"coarse_labels"] = [v // 2 for v in labels]
+    with open(path, "wb") as fh:
+        pickle.dump(batch, fh, protocol=protocol)
+    return data, labels
+
+
+def make_fake_cifar10(root, per_batch=20, test=30, protocol=pickle.DEFAULT_PROTOCOL):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    train = [
+        _write_batch(root / f"data_batch_{i}", per_batch, 10, rng, protocol=protocol)
+        for i in range(1, 6)
+    ]
+    test_data = _write_batch(root / "test_batch", test, 10, rng, protocol=protocol)
+    names = [f"class{i}".encode() for i in range(10)]
+    with open(root / "batches.meta", "wb") as fh:
+        pickle.dump(
+            {b"label_names": names, b"num_cases_per_batch": per_batch}, fh, protocol=protocol
+        )
+    return train, test_data
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, 5])
+def test_cifar10_loads_every_image_once(tmp_path, protocol):
+    train, (test_x, test_y) = make_fake_cifar10(tmp_path / "c10", protocol=protocol)
+    d = load_data(f"cifar10:{tmp_path / 'c10'}")
+    assert d.classes == [f"class{i}" for i in range(10)]
+    assert (len(d.train), len(d.dev), len(d.test)) == (90, 10, 30)  # dev: 10% of 100
+    # The test split is the test batch, in order, reshaped to [N, 3, 32, 32] row-major.
+    expected = torch.from_numpy(test_x).view(-1, 3, 32, 32)
+    assert torch.equal(d.test.images, expected)
+    assert d.test.labels.tolist() == test_y
+    # Train + dev hold every training image exactly once, with its label.
+    all_x = np.concatenate([t[0] for t in train])
+    all_y = sum((t[1] for t in train), [])
+    got = torch.cat([d.train.images, d.dev.images]).view(-1, 3072).numpy()
+    got_y = torch.cat([d.train.labels, d.dev.labels]).tolist()
+    pairs = sorted(zip(map(bytes, got), got_y, strict=True))
+    assert pairs == sorted(zip(map(bytes, all_x), all_y, strict=True))
+    assert torch.bincount(d.dev.labels, minlength=10).tolist() == [1] * 10  # stratified
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    root = tmp_path / "c100"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    _, labels = _write_batch(root / "train", 200, 100, rng, label_key="fine_labels")
+    _write_batch(root / "test", 50, 100, rng, label_key="fine_labels")
+    names = [f"fine{i}".encode() for i in range(100)]
+    with open(root / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}, fh)
+    d = load_data(f"cifar100:{root}")
+    assert len(d.classes) == 100 and d.classes[7] == "fine7"
+    assert (len(d.train), len(d.dev), len(d.test)) == (180, 20, 50)
+    assert sorted(torch.cat([d.train.labels, d.dev.labels]).tolist()) == sorted(labels)
+
+
+def test_cifar_missing_and_malformed_files_are_named(tmp_path):
+    root = tmp_path / "c10"
+    make_fake_cifar10(root)
+    (root / "data_batch_3").unlink()
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load_data(f"cifar10:{root}")
+    make_fake_cifar10(root)
+    (root / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="test_batch"):
+        load_data(f"cifar10:{root}")
+    make_fake_cifar10(root)
+    with open(root / "data_batch_2", "wb") as fh:
+        pickle.dump({b"labels": [0, 1], b"data": np.zeros((2, 100), np.uint8)}, fh)
+    with pytest.raises(ValueError, match=r"data_batch_2.*uint8 \[N, 3072\]"):
+        load_data(f"cifar10:{root}")
+
+
+class _Payload:
+    """Unpickling this would create a file: the classic pickle exploit."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_cifar_pickle_is_refused_and_payload_does_not_run(tmp_path):
+    root = tmp_path / "c10"
+    make_fake_cifar10(root)
+    marker = tmp_path / "pwned"
+    with open(root / "data_batch_1", "wb") as fh:
+        pickle.dump(
+            {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Payload(str(marker))]}, fh
+        )
+    with pytest.raises(
+        ValueError, match=r"refusing to unpickle CIFAR file .*data_batch_1.*io\.open is not allowed"
+    ):
+        load_data(f"cifar10:{root}")
+    assert not marker.exists()
+    # Another common payload: os.system through a protocol-2 REDUCE.
+    evil = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (root / "test_batch").write_bytes(evil)
+    with pytest.raises(ValueError, match=r"test_batch.*os\.system"):
+        read_cifar_pickle(root / "test_batch")
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_still_reads_plain_data(tmp_path):
+    value = {
+        "a": [1, 2.5, "x", b"y", None, True],
+        "arr": np.arange(6, dtype=np.uint8).reshape(2, 3),
+    }
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(value, protocol=2))
+    with open(path, "rb") as fh:
+        got = RestrictedUnpickler(fh, encoding="latin1").load()
+    assert got["a"] == value["a"] and np.array_equal(got["arr"], value["arr"])
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _save(path, color, size=(10, 7), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+def test_flat_image_folder_is_split_and_resized(tmp_path):
+    colors = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    for name, color in colors.items():
+        for i in range(10):
+            _save(tmp_path / "imgs" / name / f"{i}.png", color)
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    d = load_data(f"folder:{tmp_path / 'imgs'}", image_size=12)
+    assert d.classes == ["cat", "dog"]
+    assert d.input_size == (3, 12, 12)
+    assert (len(d.train), len(d.dev), len(d.test)) == (16, 2, 2)
+    for split in (d.train, d.dev, d.test):
+        for img, label in zip(split.images, split.labels, strict=True):
+            expected = torch.tensor(colors[d.classes[label]], dtype=torch.uint8)
+            assert torch.equal(img[:, 5, 5], expected)
+
+
+def test_split_image_folder_grayscale(tmp_path):
+    for split, n in (("train", 6), ("test", 2), ("dev", 2)):
+        for c, shade in (("a", 20), ("b", 200)):
+            for i in range(n):
+                _save(tmp_path / split / c / f"{i}.jpg", shade, mode="L")
+    d = load_data(f"folder:{tmp_path}", image_size=8)
+    assert d.input_size == (1, 8, 8)
+    assert (len(d.train), len(d.dev), len(d.test)) == (12, 4, 4)
+    assert abs(int(d.test.images[d.test.labels == 1].float().mean()) - 200) <= 2
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(10):
+        _save(root / "a" / f"{i}.png", (1, 2, 3))
+    (root / "b").mkdir()
+    (root / "b" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_data(f"folder:{root}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no class subdirectories"):
+        load_data(f"folder:{empty}")
+
+
+def test_load_image_converts_and_resizes(tmp_path):
+    _save(tmp_path / "x.png", (255, 255, 255), size=(5, 9))
+    x = load_image(tmp_path / "x.png", (1, 16, 16))
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.ones_like(x))
+    with pytest.raises(ValueError, match="nope.png"):
+        load_image(tmp_path / "nope.png", (3, 32, 32))
+
+
+def test_channel_stats_against_numpy():
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    mean, std = channel_stats(x)
+    a = x.numpy().astype(np.float64) / 255
+    assert np.allclose(mean, a.mean(axis=(0, 2, 3)))
+    assert np.allclose(std, a.std(axis=(0, 2, 3), ddof=1))

@@ -1,0 +1,175 @@
+"""NMS against greedy references written here (Python loops over boxes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnkit.ops import batched_nms, nms
+
+
+def iou_py(a: list[float], b: list[float]) -> float:
+    # The formula of the reference kernels: inter / (area_a + area_b - inter).
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    # Two empty boxes: 0 / 0 is NaN in the kernels, and NaN > thr is false (no suppression).
+    return inter / union if union != 0 else float("nan")
+
+
+def greedy_py(boxes: list[list[float]], scores: list[float], thr: float, labels=None) -> list[int]:
+    """Greedy NMS, box by box: visit by decreasing score (ties: input order), keep a box unless
+    a kept box of its category overlaps it with IoU > thr."""
+    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
+    kept: list[int] = []
+    for i in order:
+        if all(
+            (labels is not None and labels[i] != labels[k]) or not iou_py(boxes[i], boxes[k]) > thr
+            for k in kept
+        ):
+            kept.append(i)
+    return kept
+
+
+def greedy_torch(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
+    """The same greedy scan, one kept box at a time against all boxes (for larger inputs)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    alive = torch.ones(len(b), dtype=torch.bool)
+    kept = []
+    for i in range(len(b)):
+        if not alive[i]:
+            continue
+        kept.append(int(order[i]))
+        w = (torch.minimum(b[i, 2], b[:, 2]) - torch.maximum(b[i, 0], b[:, 0])).clamp(min=0)
+        h = (torch.minimum(b[i, 3], b[:, 3]) - torch.maximum(b[i, 1], b[:, 1])).clamp(min=0)
+        inter = w * h
+        over = inter / (area[i] + area - inter) > thr
+        over[: i + 1] = False
+        alive &= ~over
+    return kept
+
+
+def random_boxes(n: int, seed: int, extent: float = 300.0, dtype=torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.rand(n, 2, generator=gen, dtype=dtype) * extent
+    s = torch.rand(n, 2, generator=gen, dtype=dtype) * 60 + 2
+    return torch.cat((c - s / 2, c + s / 2), 1)
+
+
+int_box = st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 6), st.integers(0, 6)).map(
+    lambda t: [float(t[0]), float(t[1]), float(t[0] + t[2]), float(t[1] + t[3])]
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(int_box, st.integers(0, 6)), min_size=0, max_size=30),
+    st.sampled_from([0.0, 0.25, 0.5, 0.7, 1.0]),
+)
+def test_nms_is_exact_greedy(items, thr):
+    # Small integer boxes and scores: IoU exactly at the threshold, tied scores, duplicates.
+    boxes = [b for b, _ in items]
+    scores = [float(s) for _, s in items]
+    tb = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    keep = nms(tb, torch.tensor(scores, dtype=torch.float64), thr)
+    assert keep.dtype == torch.int64
+    assert keep.tolist() == greedy_py(boxes, scores, thr)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(int_box, st.integers(0, 6), st.integers(0, 2)), max_size=30))
+def test_batched_nms_is_per_class_greedy(items):
+    boxes = [b for b, _, _ in items]
+    scores = [float(s) + 0.01 * i for i, (_, s, _) in enumerate(items)]  # distinct scores
+    labels = [c for _, _, c in items]
+    keep = batched_nms(
+        torch.tensor(boxes).reshape(-1, 4),
+        torch.tensor(scores),
+        torch.tensor(labels, dtype=torch.int64),
+        0.5,
+    )
+    assert keep.tolist() == greedy_py(boxes, scores, 0.5, labels)
+
+
+@pytest.mark.parametrize(("n", "thr", "extent"), [(700, 0.5, 300.0), (2500, 0.7, 600.0), (2500, 0.3, 600.0)])
+def test_nms_large_inputs_match_greedy(n, thr, extent):
+    # Large enough for many spatial blocks (the pruned path).
+    boxes = random_boxes(n, seed=n, extent=extent)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert nms(boxes, scores, thr).tolist() == greedy_torch(boxes, scores, thr)
+
+
+def test_long_suppression_chain():
+    # Boxes 9 wide, shifted by 1, scores falling along the row: IoU with the next two boxes is
+    # 72/90 and 63/99 (> 0.5), with the third exactly 54/108 = 0.5 (not > 0.5). Greedy keeps every
+    # third box; each decision depends on the previous ones, a chain as long as the row.
+    n = 300
+    x = torch.arange(n, dtype=torch.float64)
+    boxes = torch.stack((x, torch.zeros(n), x + 9, torch.full((n,), 9.0)), 1)
+    scores = torch.linspace(1, 0, n, dtype=torch.float64)
+    keep = nms(boxes, scores, 0.5)
+    assert keep.tolist() == greedy_torch(boxes, scores, 0.5)
+    assert keep.tolist() == list(range(0, n, 3))
+
+
+def test_float32_threshold_is_not_rounded():
+    # IoU exactly 0.7 in float32 rounding: torchvision compares with the double 0.7.
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 7.0]])
+    iou32 = torch.tensor(70.0) / torch.tensor(100.0)
+    keep = nms(a, torch.tensor([1.0, 0.5]), 0.7)
+    assert keep.tolist() == ([0] if iou32.double().item() > 0.7 else [0, 1])
+
+
+def test_thresholds_outside_zero_one():
+    boxes = random_boxes(50, seed=3)
+    scores = torch.rand(50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    order = torch.argsort(scores, descending=True).tolist()
+    assert nms(boxes, scores, 1.0).tolist() == order
+    assert nms(boxes, scores, -0.1).tolist() == order[:1]  # IoU >= 0 > -0.1: all suppressed
+
+
+def test_identical_boxes_in_different_classes_survive():
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3)
+    keep = batched_nms(box, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 0]), 0.5)
+    assert keep.tolist() == [0, 1]
+
+
+def test_batched_nms_many_boxes_matches_per_class_greedy():
+    n = 1500  # above torchvision's threshold for the per-class path
+    boxes = random_boxes(n, seed=11, extent=400.0)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(13))
+    keep = batched_nms(boxes, scores, labels, 0.5)
+    expected = []
+    for c in range(3):
+        idx = torch.where(labels == c)[0]
+        expected += idx[greedy_torch(boxes[idx], scores[idx], 0.5)].tolist()
+    expected.sort(key=lambda i: -scores[i].item())
+    assert keep.tolist() == expected
+
+
+def test_empty_and_integer_inputs():
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).dtype == torch.int64
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    assert nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "name"),
+    [
+        (lambda: nms(torch.zeros(3, 5), torch.zeros(3), 0.5), ValueError, "boxes"),
+        (lambda: nms(torch.zeros(3, 4), torch.zeros(2), 0.5), ValueError, "scores"),
+        (lambda: nms(torch.zeros(3, 4), [0.1, 0.2, 0.3], 0.5), TypeError, "scores"),
+        (lambda: nms(torch.zeros(3, 4), torch.zeros(3), "0.5"), TypeError, "iou_threshold"),
+        (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2), 0.5), ValueError, "idxs"),
+    ],
+)
+def test_bad_input_errors_name_the_argument(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()

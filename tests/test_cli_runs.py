@@ -1,0 +1,334 @@
+"""`cnnkit evaluate | predict | diagnose` on a run directory built in the test."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cnnkit
+from cnnkit.models import registry
+from cnnkit.train.checkpoint import save_model
+from cnnkit.train.history import History
+
+classification = pytest.importorskip("cnnkit.data.classification")
+pytest.importorskip("cnnkit.train.loop")
+
+TINY = "_test_cli_runs_tiny"
+
+
+class TinyNet(nn.Module):
+    """Average-pool to 8x8, one linear layer: learns the digits in a few hundred steps."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(8)
+        self.fc = nn.Linear(in_chans * 64, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _all_cli_modules() -> bool:
+    from cnnkit.cli.main import COMMAND_MODULES
+
+    return all(importlib.util.find_spec(f"cnnkit.cli.{m}") for m in COMMAND_MODULES)
+
+
+def cli(argv: list[str]) -> int:
+    """`cnnkit ARGV` through cnnkit.cli.main once every command module exists."""
+    if _all_cli_modules():
+        from cnnkit.cli.main import main
+
+        return main(argv)
+    # Until then: the same parser wiring and error handling, with only this module's commands.
+    from cnnkit.cli import runs
+    from cnnkit.cli.main import _one_line
+
+    parser = argparse.ArgumentParser(prog="cnnkit")
+    parser.add_argument("--debug", action="store_true")
+    runs.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError, KeyError) as err:
+        print(_one_line(err), file=sys.stderr)
+        return 2
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnkit: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return classification.load_data("digits", seed=0)
+
+
+@pytest.fixture
+def tiny_name():
+    registry.register_model(TINY, TinyNet, family="test", input_size=(1, 32, 32))
+    yield TINY
+    registry._REGISTRY.pop(TINY, None)
+
+
+def _overfitting_history(run_dir) -> None:
+    history = History(run_dir)
+    for t in range(1, 31):
+        history.append(
+            {
+                "epoch": t,
+                "train_loss": 0.01 + 2.3 * math.exp(-t / 4),
+                "train_accuracy": 1 - 0.9 * math.exp(-t / 4),
+                "dev_loss": 0.4 + 2 * math.exp(-t / 3) + 0.03 * max(0, t - 8),
+                "dev_accuracy": 0.8 - 0.7 * math.exp(-t / 4),
+                "lr": 0.1,
+            }
+        )
+
+
+@pytest.fixture(scope="module")
+def trained_fc(digits):
+    """Weights of TinyNet's linear layer, fitted once (the pooling has no parameters)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        features = torch.flatten(
+            TinyNet().pool(_normalize(digits.train.images, digits.mean, digits.std)), 1
+        )
+    fc = nn.Linear(features.shape[1], 10)
+    opt = torch.optim.SGD(fc.parameters(), lr=0.5)
+    for _ in range(60):  # full-batch steps: good but imperfect accuracy, a non-trivial matrix
+        opt.zero_grad()
+        nn.functional.cross_entropy(fc(features), digits.train.labels).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in fc.state_dict().items()}
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_name, digits, trained_fc):
+    """A run directory as `cnnkit train` leaves it: a fitted tiny model, config, history."""
+    model = cnnkit.create_model(tiny_name)
+    model.fc.load_state_dict(trained_fc)
+    data = {
+        "spec": "digits",
+        "classes": list(digits.train.classes),
+        "mean": list(digits.mean),
+        "std": list(digits.std),
+        "input_size": list(digits.train.images.shape[1:]),
+    }
+    run = tmp_path / "run"
+    save_model(model, run, data=data, train={"epochs": 30, "seed": 0})
+    _overfitting_history(run)
+    return run
+
+
+def _reference(run_dir, dataset, mean, std):
+    model = cnnkit.load_model(run_dir)
+    with torch.no_grad():
+        logits = model(_normalize(dataset.images, mean, std))
+    return logits.argmax(1)
+
+
+def test_evaluate_matches_a_direct_computation(run_dir, digits, capsys):
+    assert cli(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    preds = _reference(run_dir, digits.test, digits.mean, digits.std)
+    labels = digits.test.labels
+    k = len(digits.test.classes)
+    expected = [[0] * k for _ in range(k)]
+    for p, t in zip(preds.tolist(), labels.tolist(), strict=True):
+        expected[t][p] += 1
+    acc = (preds == labels).float().mean().item()
+    assert 0.3 < acc < 1.0  # trained, but not perfectly: the check below is not trivial
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert result["confusion_matrix"] == expected
+    assert result["accuracy"] == pytest.approx(acc)
+    assert result["images"] == len(labels) and result["split"] == "test"
+    assert f"accuracy {100 * acc:.2f}%" in out
+    for c in range(k):
+        row_total = sum(expected[c])
+        assert result["per_class_accuracy"][c] == pytest.approx(expected[c][c] / row_total)
+        assert re.search(
+            rf"^{digits.test.classes[c]}\s+{row_total}\s+{expected[c][c]}\s", out, re.M
+        )
+    assert (run_dir / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_evaluate_other_split_and_out_dir(run_dir, digits, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert cli(["evaluate", str(run_dir), "--split", "dev", "--out", str(out)]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["images"] == len(digits.dev.labels) and result["split"] == "dev"
+    assert (out / "confusion_matrix.png").is_file()
+    assert not (run_dir / "evaluation.json").exists()
+
+
+def _fake_splits(digits, channels=1, classes=None):
+    def split(n):
+        return classification.ImageDataset(
+            images=torch.zeros(n, channels, 32, 32, dtype=torch.uint8),
+            labels=torch.zeros(n, dtype=torch.long),
+            classes=classes or list(digits.train.classes),
+        )
+
+    return classification.DataSplits(
+        train=split(4),
+        dev=split(2),
+        test=split(2),
+        mean=[0.5] * channels,
+        std=[0.2] * channels,
+        spec="x",
+    )
+
+
+@pytest.mark.parametrize(
+    ("channels", "classes", "needle"),
+    [
+        (3, None, "3 channel(s)"),
+        (1, ["a", "b", "c"], "3 classes"),
+        (1, list("abcdefghij"), "differ"),
+    ],
+)
+def test_evaluate_refuses_data_that_does_not_fit_the_model(
+    run_dir, digits, monkeypatch, capsys, channels, classes, needle
+):
+    fake = _fake_splits(digits, channels, classes)
+    monkeypatch.setattr(classification, "load_data", lambda spec, **options: fake)
+    assert cli(["evaluate", str(run_dir), "--data", "folder:/x"]) == 2
+    _one_error_line(capsys, needle)
+
+
+def _write_pngs(tmp_path, digits, indices):
+    from PIL import Image
+
+    paths = []
+    for i in indices:
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(digits.test.images[i, 0].numpy(), mode="L").save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_predict_top_k(run_dir, digits, tmp_path, capsys):
+    paths = _write_pngs(tmp_path, digits, [0, 1, 2])
+    assert cli(["predict", str(run_dir), *paths, "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    model = cnnkit.load_model(run_dir)
+    blocks = out.strip().split("\n")
+    assert len(blocks) == 3 * 4
+    for j, path in enumerate(paths):
+        assert blocks[4 * j] == path
+        rows = [
+            re.match(r"\s+(\d)\. (\S+)\s+([\d.]+)%", line) for line in blocks[4 * j + 1 : 4 * j + 4]
+        ]
+        assert [int(r.group(1)) for r in rows] == [1, 2, 3]
+        shown = [float(r.group(3)) for r in rows]
+        assert shown == sorted(shown, reverse=True)
+        image = classification.load_image(path, (1, 32, 32))
+        with torch.no_grad():
+            probs = torch.softmax(model(_normalize(image[None], digits.mean, digits.std)), 1)[0]
+        best = probs.argmax().item()
+        assert rows[0].group(2) == digits.train.classes[best]
+        assert shown[0] == pytest.approx(100 * probs[best].item(), abs=0.01)
+
+
+def test_predict_top_k_larger_than_the_classes(run_dir, digits, tmp_path, capsys):
+    paths = _write_pngs(tmp_path, digits, [5])
+    assert cli(["predict", str(run_dir), *paths, "--top-k", "50"]) == 0
+    assert len(capsys.readouterr().out.strip().split("\n")) == 1 + 10
+
+
+def test_predict_unreadable_or_missing_image(run_dir, digits, tmp_path, capsys):
+    good = _write_pngs(tmp_path, digits, [0])
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    assert cli(["predict", str(run_dir), *good, str(bad)]) == 2
+    _one_error_line(capsys, "notes.png")
+    assert cli(["predict", str(run_dir), str(tmp_path / "absent.jpg")]) == 2
+    _one_error_line(capsys, "absent.jpg")
+    assert cli(["predict", str(run_dir), *good, "--top-k", "0"]) == 2
+    _one_error_line(capsys, "--top-k")
+
+
+def test_diagnose_prints_the_verdict(run_dir, capsys):
+    assert cli(["diagnose", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Diagnosis: overfitting:")
+    assert "--weight-decay" in out and "Advice:" in out
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "diagnose"])
+def test_missing_run_dir(tmp_path, capsys, command):
+    extra = [str(tmp_path / "x.png")] if command == "predict" else []
+    assert cli([command, str(tmp_path / "no-such-run"), *extra]) == 2
+    _one_error_line(capsys, "no-such-run")
+
+
+def test_truncated_weights(run_dir, digits, tmp_path, capsys):
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert cli(["evaluate", str(run_dir)]) == 2
+    _one_error_line(capsys, "model.safetensors")
+    assert cli(["predict", str(run_dir), *_write_pngs(tmp_path, digits, [0])]) == 2
+    _one_error_line(capsys, "model.safetensors")
+
+
+def test_corrupt_config_and_history(run_dir, capsys):
+    (run_dir / "history.jsonl").write_text('{"epoch": 1}\n{broken\n{"epoch": 3}\n')
+    assert cli(["diagnose", str(run_dir)]) == 2
+    _one_error_line(capsys, "history.jsonl", "line 2")
+    (run_dir / "history.jsonl").unlink()
+    assert cli(["diagnose", str(run_dir)]) == 2
+    _one_error_line(capsys, "history.jsonl")
+    (run_dir / "config.json").write_text("{not json")
+    assert cli(["evaluate", str(run_dir)]) == 2
+    _one_error_line(capsys, "config.json", "malformed JSON")
+
+
+def test_bad_numbers(run_dir, capsys):
+    assert cli(["evaluate", str(run_dir), "--batch-size", "0"]) == 2
+    _one_error_line(capsys, "--batch-size")
+    assert cli(["evaluate", str(run_dir), "--device", "tpu"]) == 2
+    _one_error_line(capsys, "--device")
+
+
+def test_train_then_evaluate_predict_diagnose(tmp_path, tiny_name, digits, capsys):
+    # The real `cnnkit train` (T1's command) on a tiny model, then this module's commands on
+    # the run directory it leaves.
+    run = tmp_path / "trained"
+    argv = ["train", "--model", tiny_name, "--epochs", "3", "--train-subset", "100"]
+    argv += ["--batch-size", "25", "--out", str(run), "--quiet", "--compile", "off"]
+    argv += ["--precision", "fp32", "--device", "cpu"]
+    assert cli(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for name in ("config.json", "model.safetensors", "history.jsonl", "report.md", "curves.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+
+    assert cli(["evaluate", str(run)]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    # The same model on the same test split: evaluate reproduces train's test accuracy.
+    assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert result["images"] == len(digits.test.labels)
+
+    paths = _write_pngs(tmp_path, digits, [0, 1])
+    assert cli(["predict", str(run), *paths, "--top-k", "2"]) == 0
+    assert cli(["diagnose", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  1. ") == 2 and "Diagnosis:" in out

@@ -1,0 +1,69 @@
+"""`cnnkit train` on bad input: one line on stderr and exit status 2; divergence: status 1."""
+
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+
+from cnnkit.cli.main import main
+
+TINY = ["--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]", "--image-size", "16",
+        "--train-subset", "64", "--batch-size", "32", "--quiet", "--threads", "1"]  # fmt: skip
+
+
+def _fails(capsys, argv, pattern, status=2):
+    assert main(argv) == status
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["train", "--model", "resnet21"], "unknown model 'resnet21'"),
+        (["train", "--epochs", "0"], "--epochs must be a positive integer"),
+        (["train", "--epochs", "-2"], "--epochs"),
+        (["train", "--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["train", "--data", "imagenet"], "--data 'imagenet'"),
+        (["train", "--data", "cifar10:/nonexistent/cifar"], "/nonexistent/cifar does not exist"),
+        (["train", "--data", "folder:/nonexistent/imgs"], "/nonexistent/imgs does not exist"),
+        (["train", "--dropblock", "half"], "--dropblock 'half'"),
+        (["train", "--resume", "/nonexistent/run"], "no such run directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(capsys, argv, pattern):
+    _fails(capsys, argv, pattern)
+
+
+def test_malformed_cifar_names_the_file(capsys, tmp_path):
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
+    for i in range(1, 6):
+        (tmp_path / f"data_batch_{i}").write_bytes(b"not a pickle at all")
+    _fails(capsys, ["train", "--data", f"cifar10:{tmp_path}"], r"data_batch_1")
+
+
+def test_wrong_channel_count_names_the_data(capsys):
+    # RGB input asked for, 1-channel digits given: the message names both.
+    _fails(capsys, ["train", "--in-chans", "3", *TINY], "1 channel")
+
+
+def test_divergence_is_status_1_naming_epoch_and_step(capsys, tmp_path):
+    argv = ["train", *TINY, "--lr", "1e30", "--warmup-epochs", "0", "--epochs", "2",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    err = _fails(
+        capsys, argv, r"training diverged: non-finite training loss at epoch 1, step \d", 1
+    )
+    assert "no checkpoint was written yet" in err
+
+
+def test_tiny_training_run_through_the_cli(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "effective lr 0.025 = 0.1 x 32 / 128" in printed
+    assert "test accuracy" in printed
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
