@@ -45,26 +45,54 @@ SETTINGS = [  # (label, autocast dtype or None, channels_last)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 on cuda, 16 on cpu")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on cuda, 8 on cpu")
     p.add_argument("--size", type=int, default=32, help="input height = width for the table")
     p.add_argument("--iters", type=int, default=None, help="steps per timed chunk (cuda 20, cpu 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per setting first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved chunks; median reported")
     p.add_argument("--models", nargs="+", default=MODELS, help="registered model names")
-    p.add_argument("--settings", nargs="+", default=[s[0] for s in SETTINGS])
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="subset of fp32 fp32+CL bf16 bf16+CL (default: all; on a CPU without native bf16, "
+        "where autocast emulates it slowly, fp32 ones only)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); 1 is steadier on a shared machine, where other "
+        "processes stall the OpenMP barriers of every small op",
+    )
     p.add_argument("--peers", action="store_true", help="resnet50: ours vs torchvision vs timm")
     p.add_argument("--no-table", action="store_true", help="skip the CIFAR model table")
     p.add_argument("--peer-batch", type=int, default=None, help="default: 64 cuda, 8 cpu")
     p.add_argument("--peer-size", type=int, default=224)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.batch = args.batch or (64 if cuda else 16)
+    if args.settings is None:
+        args.settings = [s[0] for s in SETTINGS]
+        if not cuda and not cpu_has_native_bf16():
+            args.settings = ["fp32", "fp32+CL"]
+            print("note: this CPU lacks avx512_bf16/amx_bf16; bf16 settings skipped (--settings)")
+    args.batch = args.batch or (64 if cuda else 8)
     args.iters = args.iters or (20 if cuda else 1)
     args.peer_batch = args.peer_batch or (64 if cuda else 8)
     unknown = set(args.settings) - {s[0] for s in SETTINGS}
     if unknown:
         p.error(f"--settings: unknown {sorted(unknown)}; choose from fp32 fp32+CL bf16 bf16+CL")
     return args
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True  # not Linux: let the user decide with --settings
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train_step(
@@ -170,14 +198,21 @@ def model_table(args: argparse.Namespace, device: torch.device) -> None:
         models[name] = create_model(name)
     print(
         f"\nforward+backward throughput, img/s (batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.device}, median of {args.repeats} x {args.iters} steps)"
+        f"{args.device}, {torch.get_num_threads()} CPU threads, median of {args.repeats} x "
+        f"{args.iters} steps)"
     )
     rows = [["model", *[s[0] for s in settings], "best/fp32"]]
     for name, model in models.items():
         med = measure(prepare({name: model}, settings, args.batch, args.size, device), args, device)
         rates = [args.batch / med[(name, s[0])] for s in settings]
         base = rates[0] if settings[0][0] == "fp32" else float("nan")
-        rows.append([name, *[f"{r:,.0f}" for r in rates], f"{max(rates) / base:.2f}x"])
+        rows.append(
+            [
+                name,
+                *[f"{r:,.0f}" if r >= 100 else f"{r:.1f}" for r in rates],
+                f"{max(rates) / base:.2f}x",
+            ]
+        )
         del model
     print_table(rows)
 
@@ -198,7 +233,8 @@ def peer_comparison(args: argparse.Namespace, device: torch.device) -> int:
     steps = prepare(models, settings, args.peer_batch, args.peer_size, device)
     print(
         f"\nresnet50 forward+backward, img/s (batch {args.peer_batch}, {args.peer_size}x"
-        f"{args.peer_size}, {args.device}, torch {torch.__version__}, torchvision "
+        f"{args.peer_size}, {args.device}, {torch.get_num_threads()} CPU threads, torch "
+        f"{torch.__version__}, torchvision "
         f"{torchvision.__version__}, timm {timm.__version__}; median of {args.repeats} x "
         f"{args.iters} steps, all models interleaved per setting)"
     )
@@ -223,6 +259,8 @@ def peer_comparison(args: argparse.Namespace, device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     if not args.no_table:
         model_table(args, device)

@@ -16,7 +16,7 @@ Also printed:
 Usage::
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model resnet56] [--batch 128]
-        [--steps 5] [--rounds 5] [--device auto] [--accuracy]
+        [--steps 5] [--rounds 5] [--device auto] [--threads N] [--accuracy]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def throughput(args: argparse.Namespace) -> None:
         device=args.device,
         quiet=True,
         flip="on",
+        threads=args.threads,
     )
     trainer = Trainer(cfg, data=data, run_dir="/tmp/cnnkit-bench-unused", log=lambda s: None)
     device = trainer.device
@@ -156,8 +157,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--accuracy", action="store_true", help="also digits fp32 vs bf16")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch threads for both loops")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if not args.skip_throughput:
         throughput(args)

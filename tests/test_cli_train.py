@@ -33,6 +33,7 @@ def _fails(capsys, argv, pattern, status=2):
         (["train", "--data", "folder:/nonexistent/imgs"], "/nonexistent/imgs does not exist"),
         (["train", "--dropblock", "half"], "--dropblock 'half'"),
         (["train", "--resume", "/nonexistent/run"], "no such run directory"),
+        (["train", "--optimizer", "adamw", "--momentum", "1.5"], "--momentum"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(capsys, argv, pattern):
@@ -67,3 +68,15 @@ def test_tiny_training_run_through_the_cli(capsys, tmp_path):
     assert "effective lr 0.025 = 0.1 x 32 / 128" in printed
     assert "test accuracy" in printed
     assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+
+
+def test_tensorboard_missing_is_a_clear_error(capsys, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    argv = ["train", *TINY, "--tensorboard", "--out", str(tmp_path / "run")]
+    _fails(capsys, argv, "--tensorboard needs the tensorboard package")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -45,7 +45,9 @@ def test_iou_matches_brute_force():
     xy = torch.rand(30, 2, generator=gen, dtype=torch.float64) * 50
     boxes = torch.cat((xy, xy + torch.rand(30, 2, generator=gen, dtype=torch.float64) * 30), 1)
     a, b = boxes[:12], boxes[12:]
-    expected = torch.tensor([[brute_iou(u, v) for v in b.tolist()] for u in a.tolist()], dtype=torch.float64)
+    expected = torch.tensor(
+        [[brute_iou(u, v) for v in b.tolist()] for u in a.tolist()], dtype=torch.float64
+    )
     torch.testing.assert_close(box_iou(a, b), expected)
     torch.testing.assert_close(elementwise_box_iou(a, b[:12]), expected.diagonal())
 
@@ -106,7 +108,10 @@ def test_box_convert_round_trips():
 
 def test_clip_and_remove_small():
     boxes = torch.tensor([[-5.0, -1.0, 20.0, 8.0], [2.0, 3.0, 4.0, 30.0]])
-    assert clip_boxes_to_image(boxes, (10, 12)).tolist() == [[0.0, 0.0, 12.0, 8.0], [2.0, 3.0, 4.0, 10.0]]
+    assert clip_boxes_to_image(boxes, (10, 12)).tolist() == [
+        [0.0, 0.0, 12.0, 8.0],
+        [2.0, 3.0, 4.0, 10.0],
+    ]
     boxes = torch.tensor([[0.0, 0.0, 1.0, 5.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 3.0, 1.9]])
     assert remove_small_boxes(boxes, 2.0).tolist() == [1]
 
@@ -114,7 +119,9 @@ def test_clip_and_remove_small():
 def test_encode_hand_values():
     ref = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), size 10 x 20
     box = torch.tensor([[5.0, 5.0, 25.0, 25.0]])  # centre (15, 15), size 20 x 20
-    torch.testing.assert_close(encode_boxes(ref, box), torch.tensor([[1.0, 0.25, math.log(2.0), 0.0]]))
+    torch.testing.assert_close(
+        encode_boxes(ref, box), torch.tensor([[1.0, 0.25, math.log(2.0), 0.0]])
+    )
     weighted = encode_boxes(ref, box, weights=(10.0, 10.0, 5.0, 5.0))
     torch.testing.assert_close(weighted, torch.tensor([[10.0, 2.5, 5 * math.log(2.0), 0.0]]))
 
@@ -180,10 +187,18 @@ def test_smooth_l1_hand_values_and_torch_oracle():
         (lambda: clip_boxes_to_image(torch.zeros(2, 4), (3,)), ValueError, "size"),
         (lambda: encode_boxes(torch.zeros(2, 4), torch.zeros(3, 4)), ValueError, "reference_boxes"),
         (lambda: decode_boxes(torch.zeros(2, 4), torch.zeros(2, 5)), ValueError, "deltas"),
-        (lambda: decode_boxes(torch.zeros(2, 4), torch.zeros(2, 4), (1.0, 1.0)), ValueError, "weights"),
+        (
+            lambda: decode_boxes(torch.zeros(2, 4), torch.zeros(2, 4), (1.0, 1.0)),
+            ValueError,
+            "weights",
+        ),
         (lambda: smooth_l1_loss(torch.zeros(2), torch.zeros(3)), ValueError, "shape"),
         (lambda: smooth_l1_loss(torch.zeros(2), torch.zeros(2), beta=-1), ValueError, "beta"),
-        (lambda: smooth_l1_loss(torch.zeros(2), torch.zeros(2), reduction="avg"), ValueError, "reduction"),
+        (
+            lambda: smooth_l1_loss(torch.zeros(2), torch.zeros(2), reduction="avg"),
+            ValueError,
+            "reduction",
+        ),
     ],
 )
 def test_bad_input_errors_name_the_argument(call, exc, name):

@@ -61,9 +61,9 @@ def random_boxes(n: int, seed: int, extent: float = 300.0, dtype=torch.float64) 
     return torch.cat((c - s / 2, c + s / 2), 1)
 
 
-int_box = st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 6), st.integers(0, 6)).map(
-    lambda t: [float(t[0]), float(t[1]), float(t[0] + t[2]), float(t[1] + t[3])]
-)
+int_box = st.tuples(
+    st.integers(0, 12), st.integers(0, 12), st.integers(0, 6), st.integers(0, 6)
+).map(lambda t: [float(t[0]), float(t[1]), float(t[0] + t[2]), float(t[1] + t[3])])
 
 
 @settings(max_examples=80, deadline=None)
@@ -96,7 +96,9 @@ def test_batched_nms_is_per_class_greedy(items):
     assert keep.tolist() == greedy_py(boxes, scores, 0.5, labels)
 
 
-@pytest.mark.parametrize(("n", "thr", "extent"), [(700, 0.5, 300.0), (2500, 0.7, 600.0), (2500, 0.3, 600.0)])
+@pytest.mark.parametrize(
+    ("n", "thr", "extent"), [(700, 0.5, 300.0), (2500, 0.7, 600.0), (2500, 0.3, 600.0)]
+)
 def test_nms_large_inputs_match_greedy(n, thr, extent):
     # Large enough for many spatial blocks (the pruned path).
     boxes = random_boxes(n, seed=n, extent=extent)
@@ -155,7 +157,10 @@ def test_batched_nms_many_boxes_matches_per_class_greedy():
 
 def test_empty_and_integer_inputs():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
-    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).dtype == torch.int64
+    assert (
+        batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).dtype
+        == torch.int64
+    )
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
     assert nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
 
@@ -167,7 +172,11 @@ def test_empty_and_integer_inputs():
         (lambda: nms(torch.zeros(3, 4), torch.zeros(2), 0.5), ValueError, "scores"),
         (lambda: nms(torch.zeros(3, 4), [0.1, 0.2, 0.3], 0.5), TypeError, "scores"),
         (lambda: nms(torch.zeros(3, 4), torch.zeros(3), "0.5"), TypeError, "iou_threshold"),
-        (lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2), 0.5), ValueError, "idxs"),
+        (
+            lambda: batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2), 0.5),
+            ValueError,
+            "idxs",
+        ),
     ],
 )
 def test_bad_input_errors_name_the_argument(call, exc, name):

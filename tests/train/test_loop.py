@@ -91,6 +91,18 @@ def test_no_decay_on_norm_and_bias():
     assert len(param_groups(model, 5e-4, False)) == 1
 
 
+def test_adamw_and_nesterov_options(digits16, tmp_path):
+    t = Trainer(tiny_config(optimizer="adamw"), data=digits16, run_dir=tmp_path)
+    assert isinstance(t.optimizer, torch.optim.AdamW)
+    assert t.lr == pytest.approx(1e-3 * 50 / 128)  # AdamW's default rate, scaled
+    assert t.optimizer.param_groups[0]["weight_decay"] == 0.05
+    t = Trainer(
+        tiny_config(nesterov=True, no_decay_norm_bias=True), data=digits16, run_dir=tmp_path
+    )
+    assert t.optimizer.param_groups[0]["nesterov"] is True
+    assert [g["weight_decay"] for g in t.optimizer.param_groups] == [5e-4, 0.0]
+
+
 def test_precision_and_layout_choices(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"

@@ -79,7 +79,7 @@ class WideBasicBlock(nn.Module):
         drop_block: DropBlock2d | None,
     ) -> None:
         super().__init__()
-        bias = norm == "none"  # a norm follows each conv except the last (next block's norm)
+        bias = norm == "none"  # every conv feeds a norm (its successor's or the next block's)
         self.num_convs = len(kernels)
         for i, kernel in enumerate(kernels, start=1):
             cin_i = cin if i == 1 else cout

@@ -12,9 +12,9 @@ data-parallel steps:
    ``t max(w_i, w_j)``), and likewise along y.
 2. **Greedy resolution.** ``keep[j] = not any(keep[i] for edges i -> j)`` has a unique solution
    on this acyclic graph (edges point to lower-ranked boxes), and it is the greedy result. It is
-   reached by fixed-point iteration from ``keep = all``: after ``d`` rounds every box whose
-   longest chain of edges from above is shorter than ``d`` is final, so the loop stops after
-   (longest chain + 1) rounds, typically a handful.
+   found in rounds that decide boxes whose predecessors are all decided, dropping the edges
+   that no longer matter; the rounds are as many as the longest chain of decisions (a handful on
+   detector outputs), each cheaper than the last.
 
 The IoU is computed with the same float operations as torchvision's kernel
 (``inter / (area_i + area_j - inter)``, compared with ``> threshold``), so the keep lists match
@@ -66,29 +66,42 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
     return float(t)
 
 
-def _spatial_blocks(boxes: Tensor, block: int) -> Tensor:
+def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> Tensor:
     """Box ranks grouped into spatially compact blocks: ``[num_blocks, block]``, -1 padded.
 
-    Strips of equal count along x, each ordered along y and cut into runs of ``block`` boxes
-    (a k-d split with two levels that adapts to any density).
+    Within each group (category; one group if ``groups`` is None): strips of equal count along
+    x, each ordered along y and cut into runs of ``block`` boxes (a two-level k-d split that
+    adapts to any density). A block never mixes groups or strips.
     """
-    n = boxes.shape[0]
+    n, device = boxes.shape[0], boxes.device
     cx = boxes[:, 0] + boxes[:, 2]
     cy = boxes[:, 1] + boxes[:, 3]
-    num_strips = max(1, round(math.sqrt(n / block)))
-    strip_size = block * math.ceil(math.ceil(n / num_strips) / block)
-    by_x = torch.argsort(cx)
-    strip = torch.empty_like(by_x)
-    strip[by_x] = torch.arange(n, device=boxes.device) // strip_size
+    if groups is None:
+        group = torch.zeros(n, dtype=torch.long, device=device)
+        sizes = torch.tensor([n], device=device)
+    else:
+        group = torch.unique(groups, return_inverse=True)[1]
+        sizes = torch.bincount(group)
+    group_first = torch.cumsum(sizes, 0) - sizes
+    num_strips = torch.sqrt(sizes / block).round().clamp(min=1).long()
+    strip_size = block * torch.ceil(torch.ceil(sizes / num_strips) / block).long()
+    strip_first = torch.cumsum(num_strips, 0) - num_strips
+    # Rank along x within the group -> strip id (global over groups).
+    by_x = torch.argsort(cx, stable=True)
+    by_gx = by_x if groups is None else by_x[torch.argsort(group[by_x], stable=True)]
+    g = group[by_gx]
+    rank = torch.arange(n, device=device) - group_first[g]
+    strip = torch.empty_like(by_gx)
+    strip[by_gx] = strip_first[g] + rank // strip_size[g]
     by_y = torch.argsort(cy, stable=True)
     order = by_y[torch.argsort(strip[by_y], stable=True)]
     # Pad each strip to a whole number of blocks so that no block spans two strips.
-    counts = torch.bincount(strip, minlength=num_strips)
+    counts = torch.bincount(strip, minlength=int(num_strips.sum()))
     padded_counts = (counts + block - 1) // block * block
     starts = torch.cumsum(padded_counts, 0) - padded_counts
     first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=boxes.device) - first[strip[order]] + starts[strip[order]]
-    slots = torch.full((int(padded_counts.sum()),), -1, dtype=torch.long, device=boxes.device)
+    pos = torch.arange(n, device=device) - first[strip[order]] + starts[strip[order]]
+    slots = torch.full((int(padded_counts.sum()),), -1, dtype=torch.long, device=device)
     slots[pos] = order
     return slots.view(-1, block)
 
@@ -133,8 +146,11 @@ class _PairIoU:
         return torch.gt(inter.div_(union), self.threshold, out=mask)
 
 
-def _block_pairs(boxes: Tensor, slots: Tensor, threshold: float, prune: bool) -> Tensor:
-    """``[B, B]`` bool: block pairs (upper triangle) that may hold a pair with IoU > threshold."""
+def _block_pairs(
+    boxes: Tensor, slots: Tensor, threshold: float, prune: bool, labels: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Block pairs ``(a, b)``, ``a <= b``, that may hold a pair of boxes with IoU > threshold
+    (and, with ``labels``, of one category: blocks hold a single category)."""
     num = slots.shape[0]
     pairs = torch.ones((num, num), dtype=torch.bool, device=boxes.device)
     if prune:
@@ -151,19 +167,32 @@ def _block_pairs(boxes: Tensor, slots: Tensor, threshold: float, prune: bool) ->
         scale = 1 + torch.maximum(hi.abs()[:, None], lo.abs()[None])
         slack = 2 * (1.0 - threshold + 1e-4) * torch.maximum(big[:, None], big[None]) + 1e-4 * scale
         pairs = (gap <= slack).all(-1)
-    return torch.triu(pairs)
+    if labels is not None:
+        block_label = labels[slots.amax(1)]  # every block holds at least one box
+        pairs &= block_label[:, None] == block_label[None, :]
+    # Diagonal pairs first (they need the i < j mask), then the upper triangle.
+    diag = torch.arange(num, device=boxes.device)
+    ba, bb = torch.nonzero(torch.triu(pairs, diagonal=1), as_tuple=True)
+    return torch.cat((diag, ba)), torch.cat((diag, bb))
 
 
 def _edges(
-    boxes: Tensor, threshold: float, labels: Tensor | None, prune: bool, block: int
+    boxes: Tensor,
+    threshold: float,
+    labels: Tensor | None,
+    prune: bool,
+    block: int,
+    group_blocks: bool,
 ) -> tuple[Tensor, Tensor]:
     """Suppression edges ``(src, dst)`` (ranks, ``src < dst``): pairs with IoU > threshold."""
     device = boxes.device
-    slots = _spatial_blocks(boxes, block)  # [B, block] ranks, -1 padded
+    # [B, block] ranks, -1 padded; with group_blocks, blocks are single-category.
+    slots = _spatial_blocks(boxes, block, labels if group_blocks else None)
     # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
     padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
     blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
-    ba, bb = torch.nonzero(_block_pairs(boxes, slots, threshold, prune), as_tuple=True)
+    ba, bb = _block_pairs(boxes, slots, threshold, prune, labels if group_blocks else None)
+    num_diag = slots.shape[0]
     iou = _PairIoU(blocks, threshold, min(_PAIR_BUDGET, ba.numel() * block * block))
     upper = torch.triu(torch.ones(block, block, dtype=torch.bool, device=device), diagonal=1)
     step = max(1, _PAIR_BUDGET // (block * block))
@@ -171,8 +200,9 @@ def _edges(
     for s in range(0, ba.numel(), step):
         ia, ib = ba[s : s + step], bb[s : s + step]
         over = iou(ia, ib)
-        # Within a block each pair is seen twice (and each box with itself): keep i < j.
-        over &= (ia != ib)[:, None, None] | upper
+        if s < num_diag:
+            # Within a block each pair is seen twice (and each box with itself): keep i < j.
+            over[: num_diag - s] &= upper
         p, i, j = torch.nonzero(over, as_tuple=True)
         r1, r2 = slots[ia[p], i], slots[ib[p], j]
         if labels is not None:
@@ -187,21 +217,32 @@ def _edges(
 
 
 def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> Tensor:
-    """Unique ``keep`` with ``keep[j] = not any(keep[src] for edges src -> dst = j)``."""
-    keep = torch.ones(n, dtype=torch.bool, device=device)
-    if src.numel() == 0:
-        return keep
-    # Only boxes that are suppressible can change; iterate on the edges alone.
-    while True:
-        suppressed = torch.zeros(n, dtype=torch.bool, device=device)
-        suppressed[dst[keep[src]]] = True
-        new_keep = ~suppressed
-        if torch.equal(new_keep, keep):
-            return keep
-        keep = new_keep
+    """Unique ``keep`` with ``keep[j] = not any(keep[i] for edges i -> j)`` (edges ``i < j``).
+
+    Rounds of: suppress the successors of kept boxes; drop the edges that can no longer matter
+    (from a suppressed box, or into a decided one); keep the boxes left with no incoming edge.
+    The lowest undecided box is decided in every round, and the edge list shrinks fast (in a
+    dense cluster the first kept box settles most of its neighbours at once).
+    """
+    kept = torch.zeros(n, dtype=torch.bool, device=device)
+    suppressed = torch.zeros(n, dtype=torch.bool, device=device)
+    while src.numel():
+        suppressed[dst[kept[src]]] = True
+        live = ~(suppressed[src] | suppressed[dst] | kept[dst])
+        src, dst = src[live], dst[live]
+        has_pred = torch.zeros(n, dtype=torch.bool, device=device)
+        has_pred[dst] = True
+        kept |= ~(has_pred | suppressed)
+    return ~suppressed
 
 
-def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | None) -> Tensor:
+def _nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    labels: Tensor | None,
+    group_blocks: bool = False,
+) -> Tensor:
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
@@ -209,16 +250,19 @@ def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | N
     b = boxes[order]
     if not b.is_floating_point():
         b = b.float()
-    lab = None if labels is None else labels[order]
     threshold = _threshold_for(b.dtype, float(iou_threshold))
     prune = 0.0 < iou_threshold < 1.0
     if prune:
         # The pruning rule assumes well-formed boxes (x1 <= x2, y1 <= y2): one check.
         prune = bool(((b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])).all())
-    block = min(_BLOCK, max(16, 1 << (n - 1).bit_length()))
-    src, dst = _edges(b, threshold, lab, prune, block)
+    lab = None if labels is None else labels[order]
+    src, dst = _edges(b, threshold, lab, prune, _block_size(n), group_blocks)
     keep = _resolve_greedy(n, src, dst, boxes.device)
     return order[keep]
+
+
+def _block_size(n: int) -> int:
+    return min(_BLOCK, max(16, 1 << max(n - 1, 0).bit_length()))
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -261,8 +305,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         # reproduce to return the same boxes; the category mask below still applies, so boxes
         # with negative coordinates (where shifted categories can overlap) stay exact.
         boxes = boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]
-    # Pairs of different categories are masked out of the suppression edges.
-    keep = _nms(boxes, scores, iou_threshold, idxs)
+    # For many boxes, blocks never mix categories and only blocks of one category are compared
+    # (the shifted boxes above are apart already). Edges across categories are masked anyway.
+    keep = _nms(boxes, scores, iou_threshold, idxs, group_blocks=many)
     if many:
         # Order among equal scores as torchvision, whose per-class path for this many boxes
         # re-sorts the kept indices (ascending) with an unstable sort; keep lists then agree

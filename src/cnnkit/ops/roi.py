@@ -22,8 +22,8 @@ __all__ = ["MultiScaleRoIAlign", "RoIAlign", "RoIPool", "roi_align", "roi_pool"]
 
 # Upper bound on gathered elements per chunk (samples x channels): ~64 MB of float32.
 _CHUNK_ELEMENTS = 1 << 24
-# RoI pooling materializes its windows in chunks of ~16 MB (few Python steps, bounded memory).
-_POOL_CHUNK_ELEMENTS = 1 << 22
+# RoI pooling materializes its windows in chunks of ~64 MB: few, large steps (bounded memory).
+_POOL_CHUNK_ELEMENTS = 1 << 24
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
@@ -341,7 +341,8 @@ class _RoIPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, rois, pooled, spatial_scale):  # type: ignore[override]
-        values, argmax = _roi_pool_forward(input, rois, pooled, spatial_scale)
+        need_grad = ctx.needs_input_grad[0]
+        values, argmax = _roi_pool_forward(input, rois, pooled, spatial_scale, need_grad)
         ctx.save_for_backward(argmax)
         ctx.input_shape = input.shape
         k, ph, pw = rois.shape[0], *pooled
@@ -354,16 +355,24 @@ class _RoIPoolFunction(torch.autograd.Function):
             return None, None, None, None
         (argmax,) = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
-        grad_rows = grad.new_zeros((n * h * w + 1, c))
-        grad_rows.scatter_add_(0, argmax, grad.permute(0, 2, 3, 1).reshape(argmax.shape))
-        grad_input = grad_rows[:-1].reshape(n, h, w, c).permute(0, 3, 1, 2)
+        # argmax holds element indices into the channels-last rows (row * C + channel), so the
+        # backward is one flat index_add_ (int32 indices when they fit: half the memory).
+        grad_flat = grad.new_zeros((n * h * w + 1) * c)
+        grad_flat.index_add_(0, argmax.reshape(-1), grad.permute(0, 2, 3, 1).reshape(-1))
+        grad_input = grad_flat[: n * h * w * c].view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_input, None, None, None
 
 
 def _roi_pool_forward(
-    input: Tensor, rois: Tensor, pooled: tuple[int, int], spatial_scale: float
-) -> tuple[Tensor, Tensor]:
-    """Bin maxima ``[K * ph * pw, C]`` and their flat rows ``n * H * W + y * W + x`` (same shape).
+    input: Tensor,
+    rois: Tensor,
+    pooled: tuple[int, int],
+    spatial_scale: float,
+    need_argmax: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Bin maxima ``[K * ph * pw, C]`` and where they come from (same shape; None unless
+    ``need_argmax``: inference skips it): the element ``row * C + channel`` of the channels-last
+    rows, ``row = n * H * W + y * W + x``.
 
     Empty bins hold 0 and point at the extra row ``N * H * W`` (dropped in the backward).
     """
@@ -379,7 +388,14 @@ def _roi_pool_forward(
     sentinel = n * height * width
     base = rois[:, 0].long() * (height * width)
     values = input.new_empty((k, ph * pw, c))
-    argmax = torch.empty((k, ph * pw, c), dtype=torch.long, device=input.device)
+    index_dtype = torch.int32 if (sentinel + 1) * c < 2**31 else torch.long
+    argmax = (
+        torch.empty((k, ph * pw, c), dtype=index_dtype, device=input.device)
+        if need_argmax
+        else None
+    )
+    channel = torch.arange(c, device=input.device, dtype=index_dtype)
+    empty = (h_len[:, :, None] == 0) | (w_len[:, None, :] == 0)  # [K, ph, pw]
     # Group RoIs by their largest bin so that windows are padded to a size near their own.
     lh, lw = h_len.amax(1), w_len.amax(1)
     key = lh * (int(lw.max()) + 1) + lw
@@ -395,8 +411,11 @@ def _roi_pool_forward(
         idx = order[start : start + count]
         wh, ww = lh_o[start], lw_o[start]
         start += count
-        if wh == 0 or ww == 0:
-            continue  # every bin of these RoIs is empty: filled below
+        if wh == 0 or ww == 0:  # every bin of these RoIs is empty
+            values.index_fill_(0, idx, 0)
+            if argmax is not None:
+                argmax[idx] = sentinel * c + channel
+            continue
         dy = torch.arange(wh, device=input.device)
         dx = torch.arange(ww, device=input.device)
         for s, e in _chunks(idx.numel(), ph * pw * wh * ww * c, _POOL_CHUNK_ELEMENTS):
@@ -414,14 +433,14 @@ def _roi_pool_forward(
             # max_pool2d returns the first maximum in row-major window order, like the
             # reference kernel's strict '>' scan, and runs vectorized over channels-last C.
             best, pos = F.max_pool2d(window.permute(0, 3, 1, 2), (wh, ww), return_indices=True)
-            rows_of_best = torch.gather(flat.reshape(m, wh * ww), 1, pos.reshape(m, c))
-            values.view(-1, ph * pw * c).index_copy_(0, sel, best.reshape(-1, ph * pw * c))
-            argmax.view(-1, ph * pw * c).index_copy_(0, sel, rows_of_best.reshape(-1, ph * pw * c))
-    empty = ((h_len[:, :, None] == 0) | (w_len[:, None, :] == 0)).reshape(k, ph * pw, 1)
-    if bool(empty.any()):  # one host sync; empty bins are rare (RoIs outside the map)
-        values.masked_fill_(empty, 0)
-        argmax.masked_fill_(empty, sentinel)
-    return values.reshape(-1, c), argmax.reshape(-1, c)
+            # An empty bin's window is all sentinel: its max is -inf, its row the sentinel.
+            best = best.reshape(m, c).masked_fill_(empty[sel].reshape(m, 1), 0)
+            values.view(-1, ph * pw * c).index_copy_(0, sel, best.view(-1, ph * pw * c))
+            if argmax is not None:
+                rows_of_best = torch.gather(flat.reshape(m, wh * ww), 1, pos.reshape(m, c))
+                element = (rows_of_best * c).to(index_dtype) + channel
+                argmax.view(-1, ph * pw * c).index_copy_(0, sel, element.view(-1, ph * pw * c))
+    return values.reshape(-1, c), None if argmax is None else argmax.reshape(-1, c)
 
 
 # -------------------------------------------------------------------------------- modules

@@ -1,0 +1,78 @@
+"""nms / batched_nms: cnnkit vs torchvision's CPU kernel, same run, identical keep lists.
+
+    PYTHONPATH=src /tmp/cnnkit-peers/bin/python benchmarks/ops_nms.py [--repeats 5] [--threads N]
+
+Boxes like a detector's proposals: centres uniform in 1000x1000 ("uniform") or around 8
+cluster centres with sigma 30 ("clustered"), sides uniform in 10..200, scores uniform.
+IoU thresholds 0.7 (RPN) and 0.5 (detection); batched_nms with 20 classes.
+Timings alternate between the libraries; medians and the ratio torchvision / cnnkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+import torchvision.ops as tv
+
+import cnnkit.ops as ck
+
+
+def make_boxes(n: int, clustered: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if clustered:
+        centres = torch.rand(8, 2, generator=gen) * 1000
+        c = (
+            centres[torch.randint(0, 8, (n,), generator=gen)]
+            + torch.randn(n, 2, generator=gen) * 30
+        )
+    else:
+        c = torch.rand(n, 2, generator=gen) * 1000
+    s = torch.rand(n, 2, generator=gen) * 190 + 10
+    return torch.cat((c - s / 2, c + s / 2), dim=1), torch.rand(n, generator=gen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (median ms)")
+    print(
+        f"{'op':12s} {'boxes':>6s} {'layout':10s} {'iou':>4s} {'kept':>6s} {'cnnkit':>8s} {'tv':>8s} {'ratio':>7s} same"
+    )
+    for n in args.sizes:
+        for clustered in (False, True):
+            boxes, scores = make_boxes(n, clustered, seed=n + clustered)
+            labels = torch.randint(0, 20, (n,), generator=torch.Generator().manual_seed(n))
+            for op, thr in (("nms", 0.7), ("nms", 0.5), ("batched_nms", 0.5)):
+                args_ = (boxes, scores, thr) if op == "nms" else (boxes, scores, labels, thr)
+                impls = {
+                    "ck": partial(getattr(ck, op), *args_),
+                    "tv": partial(getattr(tv, op), *args_),
+                }
+                times = {"ck": [], "tv": []}
+                keeps = {}
+                for rep in range(args.repeats + 1):
+                    for key in ("ck", "tv") if rep % 2 == 0 else ("tv", "ck"):
+                        t0 = time.perf_counter()
+                        keeps[key] = impls[key]()
+                        if rep > 0:
+                            times[key].append(time.perf_counter() - t0)
+                ck_ms, tv_ms = (statistics.median(times[k]) * 1e3 for k in ("ck", "tv"))
+                same = torch.equal(keeps["ck"], keeps["tv"])
+                layout = "clustered" if clustered else "uniform"
+                print(
+                    f"{op:12s} {n:6d} {layout:10s} {thr:4.1f} {len(keeps['ck']):6d} {ck_ms:8.2f} {tv_ms:8.2f} "
+                    f"{tv_ms / ck_ms:6.2f}x {'yes' if same else 'NO'}"
+                )
+
+
+if __name__ == "__main__":
+    main()

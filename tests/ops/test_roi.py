@@ -1,0 +1,222 @@
+"""RoI pooling and RoIAlign against loop references written from the papers' definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnnkit.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, roi_align, roi_pool
+from cnnkit.ops.roi import fpn_levels
+
+
+def bilinear(f: torch.Tensor, y: float, x: float) -> torch.Tensor:
+    """Mask R-CNN's bilinear sample of ``f: [C, H, W]`` at (y, x), with the kernel's edge rules:
+    0 beyond one pixel outside the map, clamped to the border pixels otherwise."""
+    _, h, w = f.shape
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return torch.zeros(f.shape[0], dtype=f.dtype)
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(y), int(x)
+    if y0 >= h - 1:
+        y0 = y1 = h - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= w - 1:
+        x0 = x1 = w - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    return (
+        hy * hx * f[:, y0, x0]
+        + hy * lx * f[:, y0, x1]
+        + ly * hx * f[:, y1, x0]
+        + ly * lx * f[:, y1, x1]
+    )
+
+
+def ref_roi_align(x, rois, ph, pw, scale, ratio, aligned):
+    out = torch.zeros(len(rois), x.shape[1], ph, pw, dtype=x.dtype)
+    off = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        sx, sy = x1 * scale - off, y1 * scale - off
+        rw, rh = x2 * scale - off - sx, y2 * scale - off - sy
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        bh, bw = rh / ph, rw / pw
+        gh = ratio if ratio > 0 else math.ceil(rh / ph)
+        gw = ratio if ratio > 0 else math.ceil(rw / pw)
+        for i in range(ph):
+            for j in range(pw):
+                acc = torch.zeros(x.shape[1], dtype=x.dtype)
+                for iy in range(gh):
+                    yy = sy + i * bh + (iy + 0.5) * bh / gh
+                    for ix in range(gw):
+                        xx = sx + j * bw + (ix + 0.5) * bw / gw
+                        acc += bilinear(x[int(b)], yy, xx)
+                out[k, :, i, j] = acc / max(gh * gw, 1)
+    return out
+
+
+def c_round(v: float) -> int:
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))  # halves away from zero
+
+
+def ref_roi_pool(x, rois, ph, pw, scale):
+    _, c, h, w = x.shape
+    out = torch.zeros(len(rois), c, ph, pw, dtype=x.dtype)
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        sx, sy, ex, ey = (c_round(v * scale) for v in (x1, y1, x2, y2))
+        rw, rh = max(ex - sx + 1, 1), max(ey - sy + 1, 1)
+        for i in range(ph):
+            h0 = min(max(math.floor(i * (rh / ph)) + sy, 0), h)
+            h1 = min(max(math.ceil((i + 1) * (rh / ph)) + sy, 0), h)
+            for j in range(pw):
+                w0 = min(max(math.floor(j * (rw / pw)) + sx, 0), w)
+                w1 = min(max(math.ceil((j + 1) * (rw / pw)) + sx, 0), w)
+                if h1 > h0 and w1 > w0:
+                    out[k, :, i, j] = x[int(b), :, h0:h1, w0:w1].amax(dim=(1, 2))
+    return out
+
+
+def random_case(seed: int, n=2, c=3, h=9, w=11, k=12, scale=0.5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    xy = torch.rand(k, 2, generator=gen, dtype=dtype) * torch.tensor([w, h]) / scale * 1.2 - 3
+    wh = torch.rand(k, 2, generator=gen, dtype=dtype) * torch.tensor([w, h]) / scale * 0.7
+    wh[0] = 0  # a degenerate RoI
+    batch = torch.randint(0, n, (k, 1), generator=gen).to(dtype)
+    return x, torch.cat((batch, xy, xy + wh), 1)
+
+
+@pytest.mark.parametrize("ratio", [-1, 2, 3])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_matches_loop_reference(ratio, aligned):
+    x, rois = random_case(seed=ratio + 10 * aligned)
+    got = roi_align(x, rois, (3, 4), 0.5, ratio, aligned)
+    torch.testing.assert_close(got, ref_roi_align(x, rois, 3, 4, 0.5, ratio, aligned))
+
+
+def test_roi_align_on_a_ramp_hand_value():
+    # f(y, x) = x: bilinear interpolation is exact. RoI [0, 4] (aligned: [-0.5, 3.5]), 1 bin,
+    # 2 x 2 samples at x = 0.5 and 2.5: the mean is 1.5. Unaligned: samples at 1 and 3 -> 2.
+    x = torch.arange(6, dtype=torch.float64).expand(1, 1, 6, 6).contiguous()
+    box = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)
+    assert roi_align(x, box, 1, 1.0, 2, aligned=True).item() == pytest.approx(1.5)
+    assert roi_align(x, box, 1, 1.0, 2, aligned=False).item() == pytest.approx(2.0)
+
+
+def test_roi_pool_matches_loop_reference():
+    for seed, scale, size in ((0, 0.5, (3, 4)), (1, 1.0, (2, 2)), (2, 0.25, (5, 3))):
+        x, rois = random_case(seed=seed, scale=scale)
+        torch.testing.assert_close(
+            roi_pool(x, rois, size, scale), ref_roi_pool(x, rois, *size, scale)
+        )
+
+
+def test_roi_pool_gradient_goes_to_first_maximum():
+    x = torch.zeros(1, 1, 4, 4, requires_grad=True)  # all ties
+    roi_pool(x, torch.tensor([[0.0, 1.0, 1.0, 2.0, 2.0]]), 1, 1.0).sum().backward()
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 1, 1] = 1.0  # row-major first cell of the window rows 1..2, cols 1..2
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize(("aligned", "ratio"), [(True, 2), (False, -1)])
+def test_gradcheck_roi_align(aligned, ratio):
+    x, rois = random_case(seed=3, n=1, c=2, h=5, w=6, k=4)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.5, ratio, aligned), (x,))
+
+
+def test_gradcheck_roi_pool():
+    x, rois = random_case(seed=4, n=1, c=2, h=5, w=6, k=4)  # random values: no ties
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 3), 0.5), (x,))
+
+
+def test_list_of_boxes_and_modules_equal_tensor_form():
+    x, rois = random_case(seed=5, dtype=torch.float32)
+    per_image = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    order = torch.cat([torch.where(rois[:, 0] == i)[0] for i in range(2)])
+    a = roi_align(x, per_image, 2, 0.5, 2, True)
+    torch.testing.assert_close(a, roi_align(x, rois[order], 2, 0.5, 2, True))
+    torch.testing.assert_close(RoIAlign(2, 0.5, 2, True)(x, per_image), a)
+    p = roi_pool(x, per_image, 2, 0.5)
+    torch.testing.assert_close(p, roi_pool(x, rois[order], 2, 0.5))
+    torch.testing.assert_close(RoIPool(2, 0.5)(x, per_image), p)
+
+
+def test_empty_and_degenerate_rois():
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    for fn in (lambda b: roi_align(x, b, 2, 1.0, -1, True), lambda b: roi_pool(x, b, 2, 1.0)):
+        assert fn(torch.zeros(0, 5)).shape == (0, 3, 2, 2)
+        out = fn(torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0], [0.0, 50.0, 50.0, 60.0, 60.0]]))
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+    # aligned, zero-size RoI with adaptive sampling: no samples, the bins are 0
+    assert (
+        roi_align(x, torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0]]), 2, 1.0, -1, True).abs().sum() == 0
+    )
+
+
+def test_fpn_levels_hand_computed():
+    sizes = torch.tensor([10.0, 111.9, 112.0, 223.0, 224.0, 447.0, 448.0, 2000.0])
+    boxes = torch.stack((torch.zeros(8), torch.zeros(8), sizes, sizes), 1)
+    # k = floor(4 + log2(s / 224)) in [2, 5]: 10 -> -0.5 -> 2; 111.9 -> 2; 112 -> 3; 223 -> 3;
+    # 224 -> 4; 447 -> 4; 448 -> 5; 2000 -> 7 -> 5. Returned relative to k_min = 2.
+    assert fpn_levels(boxes, 2, 5).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_multiscale_roi_align_picks_the_level_and_scale():
+    gen = torch.Generator().manual_seed(6)
+    names = ["p2", "p3", "p4", "p5"]
+    image = (512, 512)
+    feats = {
+        n: torch.randn(1, 2, 512 // 2**i, 512 // 2**i, generator=gen)
+        for i, n in enumerate(names, 2)
+    }
+    sizes = [60.0, 112.0, 224.0, 448.0, 223.0]
+    boxes = [torch.tensor([[10.0, 20.0, 10.0 + s, 20.0 + s] for s in sizes])]
+    out = MultiScaleRoIAlign(names, (3, 3), 2)(feats, boxes, [image])
+    for s, level, row in zip(sizes, [2, 3, 4, 5, 3], out, strict=True):
+        box = torch.tensor([[0.0, 10.0, 20.0, 10.0 + s, 20.0 + s]])
+        want = roi_align(feats[f"p{level}"], box, (3, 3), 2.0**-level, 2, aligned=False)
+        torch.testing.assert_close(row, want[0])
+
+
+def test_multiscale_single_level_and_missing_key():
+    x = {"feat": torch.randn(1, 2, 16, 16)}
+    box = [torch.tensor([[0.0, 0.0, 30.0, 30.0]])]
+    out = MultiScaleRoIAlign(["feat"], 2, 2)(x, box, [(64, 64)])
+    torch.testing.assert_close(out, roi_align(x["feat"], box, 2, 0.25, 2))
+    with pytest.raises(ValueError, match="p9"):
+        MultiScaleRoIAlign(["p9"], 2, 2)(x, box, [(64, 64)])
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "name"),
+    [
+        (lambda: roi_align(torch.zeros(2, 3, 4), torch.zeros(1, 5), 2), ValueError, "input"),
+        (lambda: roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), 2), ValueError, "boxes"),
+        (
+            lambda: roi_pool(torch.zeros(1, 1, 4, 4), [torch.zeros(1, 5)], 2),
+            ValueError,
+            r"boxes\[0\]",
+        ),
+        (lambda: roi_pool(torch.zeros(1, 1, 4, 4), "boxes", 2), TypeError, "boxes"),
+        (
+            lambda: roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), (2, 0)),
+            ValueError,
+            "output_size",
+        ),
+        (lambda: roi_align([[0.0]], torch.zeros(1, 5), 2), TypeError, "input"),
+    ],
+)
+def test_bad_input_errors_name_the_argument(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()
