@@ -72,8 +72,9 @@ def check_ops() -> None:
         if tv is not None:
             ref = tv.nms(boxes.cuda(), scores.cuda(), 0.5).cpu()
             check(f"nms n={n} cuda == torchvision", torch.equal(ref, keep_gpu))
-            ours = cuda_time(lambda b=boxes.cuda(), s=scores.cuda(): ops.nms(b, s, 0.5))
-            theirs = cuda_time(lambda b=boxes.cuda(), s=scores.cuda(): tv.nms(b, s, 0.5))
+            b, s = boxes.cuda(), scores.cuda()
+            ours = cuda_time(lambda b=b, s=s: ops.nms(b, s, 0.5))
+            theirs = cuda_time(lambda b=b, s=s: tv.nms(b, s, 0.5))
             print(
                 f"    nms n={n}: ours {ours * 1e3:.2f} ms, torchvision {theirs * 1e3:.2f} ms, "
                 f"ratio {ours / theirs:.2f}"
@@ -124,7 +125,8 @@ def check_ops() -> None:
                 x.grad = None
                 f(x, r, size, **kwargs).sum().backward()
 
-            ours, theirs = cuda_time(lambda: step(fn)), cuda_time(lambda: step(tv_fn))
+            ours = cuda_time(lambda f=fn: step(f))
+            theirs = cuda_time(lambda f=tv_fn: step(f))
             print(
                 f"    {name} {size}x{size} fwd+bwd: ours {ours * 1e3:.2f} ms, torchvision "
                 f"{theirs * 1e3:.2f} ms, ratio {ours / theirs:.2f}"

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from cnnkit.data.classification import DataSplits, ImageDataset
 from cnnkit.models.registry import create_model
-from cnnkit.train.loop import TrainConfig, Trainer
+from cnnkit.train.config import TrainConfig
+from cnnkit.train.loop import Trainer
 
 CIFAR_TRAIN = 45_000  # CIFAR-10 training images after the 5k dev split
 CIFAR_EPOCHS = 164  # He et al.'s 64k iterations at batch 128

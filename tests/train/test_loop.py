@@ -10,18 +10,10 @@ from torch import nn
 
 from cnnkit.data.classification import DataSplits, load_data
 from cnnkit.train.checkpoint import load_state
-from cnnkit.train.loop import (
-    LRSchedule,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    effective_lr,
-    param_groups,
-    parse_dropblock,
-    predict_logits,
-    resolve_channels_last,
-    resolve_precision,
-)
+from cnnkit.train.config import TrainConfig, effective_lr, parse_dropblock
+from cnnkit.train.device import resolve_channels_last, resolve_precision
+from cnnkit.train.loop import Trainer, TrainingDiverged, predict_logits
+from cnnkit.train.optim import LRSchedule, param_groups
 
 TINY = {"depth": 8, "widths": [8, 16, 32]}
 
@@ -106,9 +98,9 @@ def test_adamw_and_nesterov_options(digits16, tmp_path):
 def test_precision_and_layout_choices(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr("cnnkit.train.loop.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("cnnkit.train.device.cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr("cnnkit.train.loop.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("cnnkit.train.device.cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_channels_last("auto", cpu, "fp32") is False
     assert resolve_channels_last("auto", cpu, "bf16") is True

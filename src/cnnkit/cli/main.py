@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Command-family modules under cnnkit.cli, in the order their commands are listed.
 COMMAND_MODULES = ("models", "train", "runs", "eval")
-
-
-class UsageError(ValueError):
-    """A command-line argument that cannot be honoured (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `cnnkit models | head`: the reader left; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,9 @@ import argparse
 
 import torch
 
+# The lecture's order: ResNet, its grouped and widened variants, then DenseNet and PyramidNet.
+FAMILY_ORDER = ("resnet", "resnext", "wide_resnet", "densenet", "pyramidnet")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models with their parameter counts")
@@ -18,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from cnnkit.models.registry import count_parameters, create_model, list_models, model_info
 
     names = list_models(args.family)
+    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    names.sort(key=lambda n: rank.get(model_info(n).family, len(rank)))  # stable within a family
     if not names:
         raise ValueError(f"--family {args.family!r} has no models")
     rows = []
@@ -31,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     head = ("model", "family", "params", "input", "paper")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0

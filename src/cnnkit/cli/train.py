@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=128, help="per process")
     g.add_argument(
         "--lr",
@@ -184,7 +184,7 @@ CONFIG_FIELDS = [
 
 
 def config_from_args(args: argparse.Namespace):
-    from cnnkit.train.loop import TrainConfig
+    from cnnkit.train.config import TrainConfig
 
     values = {name: getattr(args, name) for name in CONFIG_FIELDS}
     values["model_args"] = dict(args.model_arg)

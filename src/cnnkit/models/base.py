@@ -11,6 +11,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cnnkit.layers.norm import check_norm
+from cnnkit.layers.regularize import STOCHASTIC_DEPTH_MODES, check_probability
+
+
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    """``value`` when it is one of ``choices``; a ValueError naming ``name`` otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def check_common_args(
+    *,
+    num_classes: int,
+    in_chans: int,
+    norm: str,
+    drop_path_mode: str,
+    drop_path_rate: float,
+    drop_block: float,
+    dropout: float,
+) -> None:
+    """Validate the arguments every family shares, naming the offending one."""
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    check_norm(norm)
+    check_choice(drop_path_mode, STOCHASTIC_DEPTH_MODES, "drop_path_mode")
+    for name, value in (
+        ("drop_path_rate", drop_path_rate),
+        ("drop_block", drop_block),
+        ("dropout", dropout),
+    ):
+        check_probability(value, name)
+
 
 class ConvNet(nn.Module):
     """Base class: subclasses build their layers and implement :meth:`forward_stages`.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.layers.norm import make_norm
 from cnnkit.layers.regularize import (
     DropBlock2d,
     StochasticDepth,
@@ -31,7 +31,7 @@ from cnnkit.layers.regularize import (
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet
+from cnnkit.models.base import ConvNet, check_common_args
 from cnnkit.models.registry import register_model
 
 STEMS = ("cifar", "imagenet")
@@ -122,6 +122,18 @@ def cifar_block_config(depth: int, bottleneck: bool) -> list[int]:
         form = "6n+4 with bottleneck" if bottleneck else "3n+4 without bottleneck"
         raise ValueError(f"depth={depth} is not of the form {form} (DenseNet on CIFAR)")
     return [(depth - 4) // (3 * convs)] * 3
+
+
+# The arguments every family validates the same way (cnnkit.models.base.check_common_args).
+COMMON_ARGS = (
+    "num_classes",
+    "in_chans",
+    "norm",
+    "drop_path_mode",
+    "drop_path_rate",
+    "drop_block",
+    "dropout",
+)
 
 
 def _check_positive_int(value: int, name: str) -> int:
@@ -238,14 +250,11 @@ class DenseNet(ConvNet):
         """Validate the configuration; return the layers per dense block."""
         if args["stem"] not in STEMS:
             raise ValueError(f"stem={args['stem']!r} is not one of {', '.join(STEMS)}")
-        check_norm(args["norm"])
-        for name in ("drop_rate", "drop_path_rate", "drop_block", "dropout"):
-            check_probability(args[name], name)
+        check_common_args(**{name: args[name] for name in COMMON_ARGS})
+        check_probability(args["drop_rate"], "drop_rate")
         if not 0.0 < args["compression"] <= 1.0:
             raise ValueError(f"compression={args['compression']!r} must be in (0, 1]")
         _check_positive_int(args["bn_size"], "bn_size")
-        _check_positive_int(args["num_classes"], "num_classes")
-        _check_positive_int(args["in_chans"], "in_chans")
         depth, config = args["depth"], args["block_config"]
         if (depth is None) == (config is None):
             raise ValueError("give exactly one of depth (CIFAR DenseNet) and block_config")
@@ -297,28 +306,28 @@ def _register() -> None:
             32,
             [6, 12, 24, 16],
             64,
-            "7,978,856 params; top-1 74.43% (torchvision weights)",
+            "8.0M params, 25.57% IN top-1 err (torchvision)",
         ),
         (
             "densenet161",
             48,
             [6, 12, 36, 24],
             96,
-            "28,681,000 params; top-1 77.14% (torchvision weights)",
+            "28.7M params, 22.86% IN top-1 err (torchvision)",
         ),
         (
             "densenet169",
             32,
             [6, 12, 32, 32],
             64,
-            "14,149,480 params; top-1 75.60% (torchvision weights)",
+            "14.1M params, 24.40% IN top-1 err (torchvision)",
         ),
         (
             "densenet201",
             32,
             [6, 12, 48, 32],
             64,
-            "20,013,928 params; top-1 76.90% (torchvision weights)",
+            "20.0M params, 23.10% IN top-1 err (torchvision)",
         ),
     ):
         register_model(
@@ -333,9 +342,9 @@ def _register() -> None:
             **imagenet,
         )
     for depth, k, paper in (
-        (100, 12, "0.8M params; C10+ 4.51% error"),
-        (250, 24, "15.3M params; C10+ 3.62% error"),
-        (190, 40, "25.6M params; C10+ 3.46% error"),
+        (100, 12, "0.8M params, 4.51% C10+ err (Huang et al. 2017)"),
+        (250, 24, "15.3M params, 3.62% C10+ err (Huang et al. 2017)"),
+        (190, 40, "25.6M params, 3.46% C10+ err (Huang et al. 2017)"),
     ):
         register_model(
             f"densenet_bc_{depth}_{k}",

@@ -28,16 +28,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.layers.norm import make_norm
 from cnnkit.layers.regularize import (
-    STOCHASTIC_DEPTH_MODES,
     DropBlock2d,
     StochasticDepth,
-    check_probability,
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet
+from cnnkit.models.base import ConvNet, check_common_args
 from cnnkit.models.registry import register_model
 
 WIDENINGS = ("additive", "multiplicative")
@@ -174,14 +172,15 @@ class PyramidNet(ConvNet):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
-        if drop_path_mode not in STOCHASTIC_DEPTH_MODES:
-            raise ValueError(
-                f"drop_path_mode={drop_path_mode!r} is not one of {', '.join(STOCHASTIC_DEPTH_MODES)}"
-            )
-        for name, value in (("drop_path_rate", drop_path_rate), ("drop_block", drop_block)):
-            check_probability(value, name)
-        check_probability(dropout, "dropout")
+        check_common_args(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            norm=norm,
+            drop_path_mode=drop_path_mode,
+            drop_path_rate=drop_path_rate,
+            drop_block=drop_block,
+            dropout=dropout,
+        )
         for name, value in (
             ("base_channels", base_channels),
             ("num_classes", num_classes),
@@ -260,10 +259,10 @@ class PyramidNet(ConvNet):
 
 def _register() -> None:
     for depth, alpha, bottleneck, paper in (
-        (110, 48, False, "1.7M params; C10+ 4.62% error"),
-        (110, 270, False, "28.3M params; C10+ 3.73% error"),
-        (200, 240, True, "26.6M params; C10+ 3.44% error"),
-        (272, 200, True, "26.0M params; C10+ 3.31% error"),
+        (110, 48, False, "1.7M params, 4.62% C10+ err (Han et al. 2017)"),
+        (110, 270, False, "28.3M params, 3.73% C10+ err (Han et al. 2017)"),
+        (200, 240, True, "26.6M params, 3.44% C10+ err (Han et al. 2017)"),
+        (272, 200, True, "26.0M params, 3.31% C10+ err (Han et al. 2017)"),
     ):
         register_model(
             f"pyramidnet{depth}_a{alpha}",

@@ -29,16 +29,14 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.layers.norm import make_norm
 from cnnkit.layers.regularize import (
-    STOCHASTIC_DEPTH_MODES,
     DropBlock2d,
     StochasticDepth,
-    check_probability,
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet
+from cnnkit.models.base import ConvNet, check_choice, check_common_args
 from cnnkit.models.registry import register_model
 
 BLOCKS = ("basic", "bottleneck")
@@ -49,13 +47,6 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 LAYERS_PER_BLOCK = {"basic": 2, "bottleneck": 3}
 DEFAULT_WIDTHS = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 DEFAULT_DROP_BLOCK_SIZE = {"cifar": 3, "imagenet": 7}
-
-
-def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
-    """``value`` when it is one of ``choices``; a ValueError naming ``name`` otherwise."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-    return value
 
 
 def conv(
@@ -321,8 +312,15 @@ class ResNet(ConvNet):
         check_choice(block, BLOCKS, "block")
         check_choice(stem, STEMS, "stem")
         check_choice(shortcut, SHORTCUTS, "shortcut")
-        check_choice(drop_path_mode, STOCHASTIC_DEPTH_MODES, "drop_path_mode")
-        check_norm(norm)
+        check_common_args(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            norm=norm,
+            drop_path_mode=drop_path_mode,
+            drop_path_rate=drop_path_rate,
+            drop_block=drop_block,
+            dropout=dropout,
+        )
         widths = list(DEFAULT_WIDTHS[stem] if widths is None else widths)
         if not widths or any(
             isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
@@ -337,11 +335,6 @@ class ResNet(ConvNet):
                 f"block='basic' supports only groups=1 and width_per_group=64 (got groups={groups}, "
                 f"width_per_group={width_per_group}); ResNeXt needs block='bottleneck'"
             )
-        if num_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes={num_classes} and in_chans={in_chans} must be >= 1")
-        check_probability(drop_path_rate, "drop_path_rate")
-        check_probability(drop_block, "drop_block")
-        check_probability(dropout, "dropout")
         if drop_block_size is None:
             drop_block_size = DEFAULT_DROP_BLOCK_SIZE[stem]
         spec = BlockSpec(

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.layers.norm import make_norm
 from cnnkit.layers.regularize import (
-    STOCHASTIC_DEPTH_MODES,
     DropBlock2d,
     StochasticDepth,
     check_probability,
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet
+from cnnkit.models.base import ConvNet, check_common_args
 from cnnkit.models.registry import register_model
-from cnnkit.models.resnet import ResNet, check_choice, conv, init_conv_net
+from cnnkit.models.resnet import ResNet, conv, init_conv_net
 
 BASE_WIDTHS = (16, 32, 64)
 
@@ -153,8 +152,16 @@ class WideResNet(ConvNet):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
-        check_choice(drop_path_mode, STOCHASTIC_DEPTH_MODES, "drop_path_mode")
+        check_common_args(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            norm=norm,
+            drop_path_mode=drop_path_mode,
+            drop_path_rate=drop_path_rate,
+            drop_block=drop_block,
+            dropout=dropout,
+        )
+        check_probability(block_dropout, "block_dropout")
         kernels = parse_block(block)
         per_block = 3 * len(kernels)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_block + 4:
@@ -166,12 +173,6 @@ class WideResNet(ConvNet):
             )
         if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
             raise ValueError(f"widen_factor={widen_factor!r} must be a positive integer")
-        if num_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes={num_classes} and in_chans={in_chans} must be >= 1")
-        for value, name in ((block_dropout, "block_dropout"), (drop_block, "drop_block")):
-            check_probability(value, name)
-        check_probability(drop_path_rate, "drop_path_rate")
-        check_probability(dropout, "dropout")
         num_blocks = (depth - 4) // per_block
         widths = [w * widen_factor for w in BASE_WIDTHS]
         probs = iter(survival_probs(drop_path_rate, 3 * num_blocks))

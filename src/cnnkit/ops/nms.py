@@ -1,20 +1,26 @@
 """Exact greedy non-maximum suppression, vectorized.
 
 Greedy NMS (as in R-CNN and torchvision): visit boxes by decreasing score; keep a box unless an
-already kept box overlaps it with IoU > threshold. The sequential scan is replaced by two
-data-parallel steps:
+already kept box overlaps it with IoU > threshold. The sequential scan becomes a loop over
+*chunks* of boxes in score order, each chunk handled with data-parallel steps:
 
-1. **Suppression edges.** Every pair (i, j) with IoU > threshold, oriented from the higher-ranked
-   box to the lower-ranked one. Only pairs that can pass the threshold are evaluated: boxes are
-   cut into spatially compact blocks (strips along x, then runs along y), and two blocks are
-   compared only if some pair of their boxes could reach the threshold. For 0 < t < 1,
-   IoU > t implies ``|cx_i - cx_j| < (1 - t) max(w_i, w_j)`` (the overlap along x must exceed
-   ``t max(w_i, w_j)``), and likewise along y.
-2. **Greedy resolution.** ``keep[j] = not any(keep[i] for edges i -> j)`` has a unique solution
-   on this acyclic graph (edges point to lower-ranked boxes), and it is the greedy result. It is
-   found in rounds that decide boxes whose predecessors are all decided, dropping the edges
-   that no longer matter; the rounds are as many as the longest chain of decisions (a handful on
-   detector outputs), each cheaper than the last.
+1. **Candidates.** The next boxes by score that no kept box has suppressed yet. Suppressed
+   boxes are dropped for good (compaction), so a dense cluster costs little once its first
+   boxes are kept; torchvision's loop gets the same saving by skipping suppressed boxes.
+2. **Suppression edges** from each candidate to the live boxes after it (IoU > threshold).
+   Only spatially close boxes are compared: live boxes are kept in compact blocks (strips
+   along x, runs along y), and a candidate is compared with the blocks next to its own. For
+   0 < t < 1, IoU > t implies ``|cx_i - cx_j| < (1 - t) max(w_i, w_j)`` (the overlap along x
+   must exceed ``t max(w_i, w_j)``), and likewise along y.
+3. **Greedy resolution inside the chunk.** ``keep[j] = not any(keep[i] for edges i -> j)`` has
+   a unique solution on this acyclic graph (edges point to lower-ranked boxes), and it is the
+   greedy result. It is found in rounds that decide the boxes whose predecessors are all
+   decided; the rounds are as many as the longest chain of decisions (a handful in practice).
+4. **Forward suppression.** The edges of the kept candidates kill later boxes.
+
+The chunk size adapts to the work per candidate (dense regions: small chunks, so that few
+candidates are compared only to be suppressed inside their own chunk; sparse: large chunks, so
+that the loop is short). The blocks are rebuilt from the live boxes once half are gone.
 
 The IoU is computed with the same float operations as torchvision's kernel
 (``inter / (area_i + area_j - inter)``, compared with ``> threshold``), so the keep lists match
@@ -35,8 +41,13 @@ __all__ = ["batched_nms", "nms"]
 
 # Boxes per spatial block (measured on CPU: 64 beats 32 and 128 from 1,000 to 20,000 boxes).
 _BLOCK = 64
-# IoU entries evaluated at once: bounds memory, keeps the work buffers in cache.
+# Box pairs compared per chunk (the chunk size adapts to it): long enough vectors to amortize
+# the per-chunk overhead, short enough that few candidates die inside their own chunk.
+_CHUNK_PAIRS = 1 << 18
+# Box pairs compared per IoU call: bounds the memory of the work buffers.
 _PAIR_BUDGET = 1 << 20
+# Fewest candidates per chunk.
+_MIN_CHUNK = 32
 
 
 def _check(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -67,7 +78,8 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
 
 
 def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> Tensor:
-    """Box ranks grouped into spatially compact blocks: ``[num_blocks, block]``, -1 padded.
+    """Row indices of ``boxes`` grouped into spatially compact blocks: ``[num_blocks, block]``,
+    -1 padded.
 
     Within each group (category; one group if ``groups`` is None): strips of equal count along
     x, each ordered along y and cut into runs of ``block`` boxes (a two-level k-d split that
@@ -106,53 +118,16 @@ def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> 
     return slots.view(-1, block)
 
 
-class _PairIoU:
-    """``IoU > threshold`` for batches of block pairs, with torchvision's float operations.
-
-    All ``[P, block, block]`` intermediates live in buffers allocated once: on CPU, fresh
-    multi-MB tensors cost more in page faults than the arithmetic itself.
-    """
-
-    def __init__(self, blocks: Tensor, threshold: float, budget: int) -> None:
-        self.x1, self.y1, self.x2, self.y2 = (blocks[..., i].contiguous() for i in range(4))
-        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
-        self.threshold = threshold
-        self.t1 = blocks.new_empty(budget)
-        self.t2 = blocks.new_empty(budget)
-        self.t3 = blocks.new_empty(budget)
-        self.mask = torch.empty(budget, dtype=torch.bool, device=blocks.device)
-
-    def __call__(self, ia: Tensor, ib: Tensor) -> Tensor:
-        """``[P, block, block]`` bool for the boxes of blocks ``ia`` against those of ``ib``."""
-        p, block = ia.numel(), self.x1.shape[1]
-        shape = (p, block, block)
-        t1, t2, t3 = (t[: p * block * block].view(shape) for t in (self.t1, self.t2, self.t3))
-
-        def rows(t: Tensor) -> Tensor:
-            return t[ia][:, :, None]
-
-        def cols(t: Tensor) -> Tensor:
-            return t[ib][:, None, :]
-
-        torch.minimum(rows(self.x2), cols(self.x2), out=t1)
-        torch.maximum(rows(self.x1), cols(self.x1), out=t2)
-        t1.sub_(t2).clamp_(min=0)
-        torch.minimum(rows(self.y2), cols(self.y2), out=t2)
-        torch.maximum(rows(self.y1), cols(self.y1), out=t3)
-        t2.sub_(t3).clamp_(min=0)
-        inter = t1.mul_(t2)
-        union = torch.add(rows(self.area), cols(self.area), out=t2).sub_(inter)
-        mask = self.mask[: p * block * block].view(shape)
-        return torch.gt(inter.div_(union), self.threshold, out=mask)
-
-
-def _block_pairs(
+def _block_adjacency(
     boxes: Tensor, slots: Tensor, threshold: float, prune: bool, labels: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Block pairs ``(a, b)``, ``a <= b``, that may hold a pair of boxes with IoU > threshold
-    (and, with ``labels``, of one category: blocks hold a single category)."""
+) -> Tensor:
+    """``[B, B]`` bool, symmetric: the block pairs that may hold two boxes with IoU > threshold
+    (and, with ``labels``, of one category; blocks then hold a single category).
+
+    ``boxes``: ``[N, 4]``; ``slots``: ``[B, block]`` rows of ``boxes``, -1 padded.
+    """
     num = slots.shape[0]
-    pairs = torch.ones((num, num), dtype=torch.bool, device=boxes.device)
+    adj = torch.ones((num, num), dtype=torch.bool, device=boxes.device)
     if prune:
         valid = slots >= 0
         b64 = boxes[slots.clamp(min=0)].double()  # float64: the test itself must not round
@@ -164,60 +139,113 @@ def _block_pairs(
         gap = torch.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]).clamp(min=0)
         # IoU > t needs |2 cx_i - 2 cx_j| < 2 (1 - t) max(w_i, w_j) (same along y); the margins
         # absorb the float rounding of the IoU and of the centres.
-        scale = 1 + torch.maximum(hi.abs()[:, None], lo.abs()[None])
+        mag = torch.maximum(hi.abs(), lo.abs())
+        scale = 1 + torch.maximum(mag[:, None], mag[None])
         slack = 2 * (1.0 - threshold + 1e-4) * torch.maximum(big[:, None], big[None]) + 1e-4 * scale
-        pairs = (gap <= slack).all(-1)
+        adj = (gap <= slack).all(-1)
     if labels is not None:
         block_label = labels[slots.amax(1)]  # every block holds at least one box
-        pairs &= block_label[:, None] == block_label[None, :]
-    # Diagonal pairs first (they need the i < j mask), then the upper triangle.
-    diag = torch.arange(num, device=boxes.device)
-    ba, bb = torch.nonzero(torch.triu(pairs, diagonal=1), as_tuple=True)
-    return torch.cat((diag, ba)), torch.cat((diag, bb))
+        adj &= block_label[:, None] == block_label[None, :]
+    return adj
 
 
-def _edges(
-    boxes: Tensor,
-    threshold: float,
-    labels: Tensor | None,
-    prune: bool,
-    block: int,
-    group_blocks: bool,
-) -> tuple[Tensor, Tensor]:
-    """Suppression edges ``(src, dst)`` (ranks, ``src < dst``): pairs with IoU > threshold."""
-    device = boxes.device
-    # [B, block] ranks, -1 padded; with group_blocks, blocks are single-category.
-    slots = _spatial_blocks(boxes, block, labels if group_blocks else None)
-    # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
-    padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
-    blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
-    ba, bb = _block_pairs(boxes, slots, threshold, prune, labels if group_blocks else None)
-    num_diag = slots.shape[0]
-    iou = _PairIoU(blocks, threshold, min(_PAIR_BUDGET, ba.numel() * block * block))
-    upper = torch.triu(torch.ones(block, block, dtype=torch.bool, device=device), diagonal=1)
-    step = max(1, _PAIR_BUDGET // (block * block))
+class _Blocks:
+    """The live boxes in spatial blocks, and which blocks may suppress each other.
+
+    ``slots``: ``[B, block]`` ranks, -1 padded; ``x1 .. area``: ``[B, block]`` coordinates
+    (NaN padding: every comparison with it is false, so padding never makes an edge);
+    ``block_of``: ``[N]`` block of each live rank; ``adj``: ``[B, B]`` bool.
+    """
+
+    def __init__(
+        self,
+        boxes: Tensor,
+        live: Tensor,
+        threshold: float,
+        prune: bool,
+        labels: Tensor | None,
+        block: int,
+    ) -> None:
+        sub = boxes[live]
+        sub_labels = None if labels is None else labels[live]
+        local = _spatial_blocks(sub, block, sub_labels)
+        padded = torch.cat((sub, sub.new_full((1, 4), math.nan)))
+        coords = padded[torch.where(local >= 0, local, sub.shape[0])]  # [B, block, 4]
+        self.x1, self.y1, self.x2, self.y2 = (coords[..., i].contiguous() for i in range(4))
+        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+        self.slots = torch.where(local >= 0, live[local.clamp(min=0)], -1)
+        self.block_of = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+        rows = torch.arange(local.shape[0], device=boxes.device)[:, None].expand_as(local)
+        self.block_of[self.slots[local >= 0]] = rows[local >= 0]
+        self.adj = _block_adjacency(sub, local, threshold, prune, sub_labels)
+        self.size = live.numel()
+
+
+class _RowIoU:
+    """``IoU > threshold`` of single boxes against whole blocks, with torchvision's float
+    operations.
+
+    The ``[P, block]`` intermediates live in buffers allocated once: on CPU, fresh multi-MB
+    tensors cost more in page faults than the arithmetic itself.
+    """
+
+    def __init__(self, boxes: Tensor, threshold: float, budget: int) -> None:
+        self.boxes = boxes
+        self.area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        self.threshold = threshold
+        self.bufs = [boxes.new_empty(budget) for _ in range(3)]
+        self.mask = torch.empty(budget, dtype=torch.bool, device=boxes.device)
+
+    def __call__(self, blocks: _Blocks, src: Tensor, tb: Tensor) -> Tensor:
+        """``[P, block]`` bool: box ``src[p]`` (rank) against the boxes of block ``tb[p]``."""
+        shape = (src.numel(), blocks.x1.shape[1])
+        size = shape[0] * shape[1]
+        t1, t2, t3 = (b[:size].view(shape) for b in self.bufs)
+        row = self.boxes[src]  # [P, 4]
+        x1, y1, x2, y2 = (row[:, i : i + 1] for i in range(4))
+
+        def cols(t: Tensor, out: Tensor) -> Tensor:
+            return torch.index_select(t, 0, tb, out=out)
+
+        torch.minimum(cols(blocks.x2, t1), x2, out=t1)
+        torch.maximum(cols(blocks.x1, t2), x1, out=t2)
+        t1.sub_(t2).clamp_(min=0)
+        torch.minimum(cols(blocks.y2, t2), y2, out=t2)
+        torch.maximum(cols(blocks.y1, t3), y1, out=t3)
+        t2.sub_(t3).clamp_(min=0)
+        inter = t1.mul_(t2)
+        union = cols(blocks.area, t2).add_(self.area[src][:, None]).sub_(inter)
+        mask = self.mask[:size].view(shape)
+        return torch.gt(inter.div_(union), self.threshold, out=mask)
+
+
+def _edges_from(
+    blocks: _Blocks, iou: _RowIoU, cand: Tensor, step: int
+) -> tuple[Tensor, Tensor, int]:
+    """Suppression edges ``(src, dst)`` from the candidates ``cand`` (ranks) to the live boxes
+    ranked after them, and the number of box pairs compared."""
+    ci, tb = torch.nonzero(blocks.adj[blocks.block_of[cand]], as_tuple=True)
+    src_all = cand[ci]  # [P] one row per (candidate, neighbouring block)
     src, dst = [], []
-    for s in range(0, ba.numel(), step):
-        ia, ib = ba[s : s + step], bb[s : s + step]
-        over = iou(ia, ib)
-        if s < num_diag:
-            # Within a block each pair is seen twice (and each box with itself): keep i < j.
-            over[: num_diag - s] &= upper
-        p, i, j = torch.nonzero(over, as_tuple=True)
-        r1, r2 = slots[ia[p], i], slots[ib[p], j]
-        if labels is not None:
-            same = labels[r1] == labels[r2]
-            r1, r2 = r1[same], r2[same]
-        src.append(torch.minimum(r1, r2))
-        dst.append(torch.maximum(r1, r2))
+    for s in range(0, src_all.numel(), step):
+        rs, rb = src_all[s : s + step], tb[s : s + step]
+        over = iou(blocks, rs, rb)
+        slot = blocks.slots[rb]
+        # Only boxes ranked after the candidate: the earlier ones are decided already.
+        over &= slot > rs[:, None]
+        p, j = torch.nonzero(over, as_tuple=True)
+        src.append(rs[p])
+        dst.append(slot[p, j])
+    pairs = src_all.numel() * blocks.slots.shape[1]
     if not src:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return empty, empty
-    return torch.cat(src), torch.cat(dst)
+        empty = cand.new_empty(0)
+        return empty, empty, pairs
+    return torch.cat(src), torch.cat(dst), pairs
 
 
 def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> Tensor:
-    """Unique ``keep`` with ``keep[j] = not any(keep[i] for edges i -> j)`` (edges ``i < j``).
+    """``[N]`` bool, the boxes suppressed by the unique ``keep`` with
+    ``keep[j] = not any(keep[i] for edges i -> j)`` (edges ``i < j``).
 
     Rounds of: suppress the successors of kept boxes; drop the edges that can no longer matter
     (from a suppressed box, or into a decided one); keep the boxes left with no incoming edge.
@@ -233,7 +261,41 @@ def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> T
         has_pred = torch.zeros(n, dtype=torch.bool, device=device)
         has_pred[dst] = True
         kept |= ~(has_pred | suppressed)
-    return ~suppressed
+    return suppressed
+
+
+def _greedy(
+    boxes: Tensor, threshold: float, prune: bool, labels: Tensor | None, group_blocks: bool
+) -> Tensor:
+    """Kept ranks, ascending, of the greedy scan over ``boxes`` ``[N, 4]`` sorted by score."""
+    n, device = boxes.shape[0], boxes.device
+    block = _block_size(n)
+    block_labels = labels if group_blocks else None
+    live = torch.arange(n, device=device)
+    blocks = _Blocks(boxes, live, threshold, prune, block_labels, block)
+    iou = _RowIoU(boxes, threshold, min(_PAIR_BUDGET, n * block * blocks.adj.shape[0]))
+    step = max(1, _PAIR_BUDGET // block)
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    kept = []
+    # First guess of the pairs compared per candidate: the mean number of neighbouring slots.
+    per_box = int(blocks.adj.sum()) * block / blocks.adj.shape[0]
+    while live.numel():
+        chunk = max(_MIN_CHUNK, int(_CHUNK_PAIRS / max(per_box, 1.0)))
+        cand, rest = live[:chunk], live[chunk:]
+        src, dst, pairs = _edges_from(blocks, iou, cand, step)
+        per_box = pairs / cand.numel()
+        if labels is not None and not group_blocks:  # blocks may mix categories
+            same = labels[src] == labels[dst]
+            src, dst = src[same], dst[same]
+        inside = dst <= cand[-1]
+        suppressed = _resolve_greedy(n, src[inside], dst[inside], device)
+        kept.append(cand[~suppressed[cand]])
+        # Edges of the kept candidates suppress later boxes for good.
+        dead[dst[~inside & ~suppressed[src]]] = True
+        live = rest[~dead[rest]]
+        if 0 < 2 * live.numel() < blocks.size:
+            blocks = _Blocks(boxes, live, threshold, prune, block_labels, block)
+    return torch.cat(kept)
 
 
 def _nms(
@@ -256,9 +318,7 @@ def _nms(
         # The pruning rule assumes well-formed boxes (x1 <= x2, y1 <= y2): one check.
         prune = bool(((b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])).all())
     lab = None if labels is None else labels[order]
-    src, dst = _edges(b, threshold, lab, prune, _block_size(n), group_blocks)
-    keep = _resolve_greedy(n, src, dst, boxes.device)
-    return order[keep]
+    return order[_greedy(b, threshold, prune, lab, group_blocks)]
 
 
 def _block_size(n: int) -> int:

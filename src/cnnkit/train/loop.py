@@ -2,20 +2,16 @@
 
 What a run does (He et al., 2016; Goyal et al., 2017; the lecture's design-and-train cycle):
 
-* SGD with momentum (optionally Nesterov) or AdamW; weight decay, optionally not on norm
-  parameters and biases; a step (divide by 10 at 50% and 75% of training) or cosine schedule
-  with linear warmup, updated every step.
-* The linear scaling rule (Goyal et al., 2017, Sec. 2.1): ``--lr`` is the rate for a reference
-  batch ``--lr-batch``; the rate used is ``lr * global_batch / lr_batch``.
+* The optimizer, its schedule (:mod:`cnnkit.train.optim`) and the learning rate by the linear
+  scaling rule (Goyal et al., 2017, Sec. 2.1; :func:`cnnkit.train.config.effective_lr`).
 * Augmentation on whole batches on the training device (:mod:`cnnkit.data.transforms`).
-* Mixed precision (bf16 autocast where the hardware runs it fast), channels_last where that is
-  faster, ``torch.compile`` where the run is long enough to repay the compilation.
+* Precision, memory layout and compilation as resolved for the hardware
+  (:mod:`cnnkit.train.device`).
 * Every epoch: a history record, the curves, the model and an atomic resume checkpoint; at the
   end the test figures, metrics.json, the diagnosis and report.md.
-* Resuming re-creates every random stream: the shuffling and augmentation generators and the
-  global generators (dropout, stochastic depth, DropBlock) are seeded from ``(seed, epoch,
-  rank)`` at each epoch start, so a resumed run repeats exactly what the killed one would have
-  done; the RNG states are saved in the checkpoint as well.
+* Resuming re-creates every random stream (:mod:`cnnkit.train.rng`): the streams are seeded
+  from ``(seed, epoch, rank)`` at each epoch start, so a resumed run repeats exactly what the
+  killed one would have done; the RNG states are saved in the checkpoint as well.
 """
 
 from __future__ import annotations
@@ -25,17 +21,14 @@ import inspect
 import json
 import math
 import os
-import random
-import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,325 +36,33 @@ from torch import Tensor, nn
 from cnnkit.data.classification import DataSplits, ImageDataset, load_data, stratified_order
 from cnnkit.data.transforms import BatchAugment
 from cnnkit.train import distributed as D
+from cnnkit.train.config import (
+    TrainConfig,
+    effective_lr,
+    parse_dropblock,
+    resolve_crop_padding,
+    resolve_flip,
+)
+from cnnkit.train.device import (
+    autocast,
+    cpu_has_fast_bf16,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    wants_cuda,
+)
+from cnnkit.train.optim import LRSchedule, build_optimizer
+from cnnkit.train.rng import rng_state, seed_everything, set_rng_state, stream_seed
 
 CHECKPOINT_NAME = "last.ckpt"
 METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
 STATE_FORMAT = 1
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step")
-PRECISIONS = ("auto", "fp32", "bf16")
-TOGGLES = ("auto", "on", "off")
-# torch.compile costs tens of seconds (C++ / Triton code generation) and saves a fraction of
-# each step: below this many steps it does not pay for itself.
-COMPILE_MIN_STEPS = 2000
-CIFAR_CROP_PADDING = 4
-DIGITS_CROP_PADDING = 2
-# Divide the rate by 10 at these fractions of training (He et al., 2016: 32k and 48k of 64k).
-STEP_MILESTONES = (0.5, 0.75)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-@dataclass
-class TrainConfig:
-    """Every training argument (``config.json``'s ``train`` section); None = resolved default."""
-
-    model: str = "resnet20"
-    data: str = "digits"
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float | None = None
-    lr_batch: int = 128
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float | None = None
-    no_decay_norm_bias: bool = False
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    drop_path: float = 0.0
-    dropblock: str | None = None
-    dropout: float = 0.0
-    cutout: int = 0
-    norm: str | None = None
-    norm_groups: int | None = None
-    crop_padding: int | None = None
-    flip: str = "auto"
-    image_size: int = 32
-    in_chans: int | None = None
-    train_subset: int | None = None
-    precision: str = "auto"
-    channels_last: str = "auto"
-    compile: str = "auto"
-    device: str = "auto"
-    threads: int | None = None
-    seed: int = 0
-    deterministic: bool = False
-    sync_bn: bool = False
-    out: str | None = None
-    quiet: bool = False
-    tensorboard: bool = False
-    model_args: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """ValueError naming the option for every argument that cannot be honoured."""
-        for name in ("epochs", "batch_size", "lr_batch", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
-                )
-        for name in ("train_subset", "threads", "in_chans", "norm_groups"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
-                )
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum!r}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(
-                f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs!r}"
-            )
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        for name in ("drop_path", "dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)!r}"
-                )
-        if self.cutout < 0 or (self.crop_padding is not None and self.crop_padding < 0):
-            raise ValueError("--cutout and --crop-padding must be >= 0")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("--nesterov needs a non-zero --momentum")
-        choices = {
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "precision": PRECISIONS,
-            "channels_last": TOGGLES,
-            "compile": TOGGLES,
-            "flip": TOGGLES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
-                )
-        parse_dropblock(self.dropblock)
-
-    @property
-    def base_lr(self) -> float:
-        """``--lr`` or its optimizer's default (0.1 for SGD as in He et al.; 1e-3 for AdamW)."""
-        if self.lr is not None:
-            return float(self.lr)
-        return 0.1 if self.optimizer == "sgd" else 1e-3
-
-    @property
-    def decay(self) -> float:
-        """``--weight-decay`` or its optimizer's default (5e-4 for SGD on CIFAR; 0.05 AdamW)."""
-        if self.weight_decay is not None:
-            return float(self.weight_decay)
-        return 5e-4 if self.optimizer == "sgd" else 0.05
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown training arguments {unknown}")
-        return cls(**values)
-
-
-def parse_dropblock(spec: str | None) -> tuple[float, int | None]:
-    """``"PROB[:SIZE]"`` -> ``(prob, size or None)``; ``None`` -> ``(0.0, None)``."""
-    if spec is None or spec == "":
-        return 0.0, None
-    prob_text, _, size_text = str(spec).partition(":")
-    try:
-        prob = float(prob_text)
-        size = int(size_text) if size_text else None
-    except ValueError:
-        raise ValueError(f"--dropblock {spec!r}: expected PROB or PROB:SIZE, e.g. 0.1:3") from None
-    if not 0 <= prob < 1 or (size is not None and size < 1):
-        raise ValueError(f"--dropblock {spec!r}: PROB must be in [0, 1) and SIZE >= 1")
-    return prob, size
-
-
-# --------------------------------------------------------------------------- learning rate
-
-
-def effective_lr(lr: float, batch_size: int, lr_batch: int) -> float:
-    """The linear scaling rule (Goyal et al., 2017): ``lr * batch_size / lr_batch``.
-
-    ``lr`` is the rate tuned for a batch of ``lr_batch``; with ``k`` times the batch, each
-    step averages ``k`` times as many gradients, so it may go ``k`` times as far.
-    """
-    if batch_size < 1 or lr_batch < 1:
-        raise ValueError(f"batch_size={batch_size} and lr_batch={lr_batch} must be >= 1")
-    return lr * batch_size / lr_batch
-
-
-class LRSchedule:
-    """The learning-rate multiplier of every step: linear warmup, then step or cosine decay.
-
-    With ``W`` warmup steps and ``T`` steps in all, step ``s`` (0-based) gets:
-
-    * warmup, ``s < W``: ``(s + 1) / W`` (Goyal et al., 2017, Sec. 2.2: ramp up linearly);
-    * ``"step"``: ``0.1 ** #{m in milestones : s >= m * T}`` (He et al., 2016);
-    * ``"cosine"``: ``(1 + cos(pi * (s - W) / (T - W))) / 2`` (Loshchilov & Hutter, 2017,
-      without restarts).
-
-    A pure function of the step: the state is the step count.
-    """
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0) -> None:
-        if kind not in SCHEDULES:
-            raise ValueError(f"schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
-        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"bad schedule length: total={total_steps}, warmup={warmup_steps}")
-        self.kind, self.total, self.warmup = kind, total_steps, warmup_steps
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.kind == "step":
-            return 0.1 ** sum(step >= round(m * self.total) for m in STEP_MILESTONES)
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
-    """Optimizer parameter groups; with ``no_decay_norm_bias``, 1-D tensors (biases, norm
-    scales and shifts) get no weight decay: shrinking a norm's scale changes nothing the next
-    layer cannot undo, it only perturbs the effective learning rate."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norm_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.ndim > 1]
-    rest = [p for p in params if p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW, multi-tensor (``foreach``) kernels."""
-    groups = param_groups(model, cfg.decay, cfg.no_decay_norm_bias)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True
-        )
-    return torch.optim.AdamW(groups, lr=lr, foreach=True)
-
-
-# --------------------------------------------------------------------------- hardware
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU when CUDA is available, else the CPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
-        return torch.device("cuda", index)
-    if device.type != "cpu":
-        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16).
-
-    Without them bf16 is emulated and slower than fp32. Read from /proc/cpuinfo's flags, with
-    PyTorch's own dispatch level (which names AMX where it uses it) as a fallback.
-    """
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    if "AMX" in capability or "BF16" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where it runs fast (CUDA with bf16, CPU with AMX/AVX512-BF16)."""
-    if spec != "auto":
-        return spec
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def resolve_channels_last(spec: str, device: torch.device, precision: str) -> bool:
-    """``auto`` -> on for CUDA and for bf16 on CPU; off for fp32 on CPU.
-
-    Measured here (AVX2 CPU, fp32, ResNet-56 training step): channels_last is ~5x slower than
-    NCHW, while oneDNN's bf16 kernels and cuDNN's tensor cores want NHWC.
-    """
-    if spec != "auto":
-        return spec == "on"
-    return device.type == "cuda" or precision == "bf16"
-
-
-def resolve_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
-    """``auto`` -> compile unless the run is too short to repay it (fewer than
-    ``COMPILE_MIN_STEPS`` steps), DropBlock's per-step ramp would recompile, or
-    ``--deterministic`` asks for the plain kernels."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    if cfg.deterministic or parse_dropblock(cfg.dropblock)[0] > 0:
-        return False
-    if not hasattr(torch, "compile") or sys.platform == "win32":
-        return False
-    return total_steps >= COMPILE_MIN_STEPS
-
-
-def resolve_crop_padding(cfg: TrainConfig) -> int:
-    """``--crop-padding`` or its default: 4 (He et al.'s CIFAR recipe); 2 for the digits.
-
-    The digits are 8x8 images upsampled 4x, so 4 pixels shift a stroke by a whole original
-    pixel of a 6-pixel-wide digit; 2 (half a pixel) reached a higher dev accuracy (99.3% vs
-    98.9%, mean of 2-3 seeds, ResNet-20, 30 epochs).
-    """
-    if cfg.crop_padding is not None:
-        return cfg.crop_padding
-    return DIGITS_CROP_PADDING if cfg.data == "digits" else CIFAR_CROP_PADDING
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # --------------------------------------------------------------------------- inference
@@ -449,55 +150,14 @@ def build_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
     return create_model(cfg.model, **model_overrides(cfg, data))
 
 
-# --------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global generator's state as plain data (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """A distinct, reproducible seed for each (run seed, epoch, rank, stream)."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + stream) % 2**62
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
 @dataclass
 class EpochStats:
+    """One epoch's training figures, summed over ranks: mean loss, accuracy in [0, 1], images
+    seen, wall seconds, seconds inside the optimizer steps, and the last step's rate."""
+
     loss: float
     accuracy: float
     images: int
@@ -506,7 +166,22 @@ class EpochStats:
     lr: float
 
 
+def epoch_record(epoch: int, stats: EpochStats, dev_loss: float, dev_acc: float) -> dict[str, Any]:
+    """One history record (keys as :class:`cnnkit.train.history.History` documents them)."""
+    return {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "dev_loss": dev_loss,
+        "dev_accuracy": dev_acc,
+        "lr": stats.lr,
+        "images_per_second": stats.images / stats.seconds,
+        "epoch_seconds": stats.seconds,
+    }
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
+    """``runs/<model>-<data kind>[-<data dir name>]-<YYYYmmdd-HHMMSS>``."""
     kind = cfg.data.partition(":")[0]
     if kind != "digits":
         kind += "-" + Path(cfg.data.partition(":")[2].rstrip("/")).name
@@ -535,24 +210,14 @@ class Trainer:
         log=None,
     ) -> None:
         self.cfg = cfg
-        self.ctx = D.init_from_env(use_cuda=_wants_cuda(cfg.device))
+        self.ctx = D.init_from_env(use_cuda=wants_cuda(cfg.device))
         self.device = resolve_device(cfg.device, self.ctx.local_rank)
         self._log = log
         self._setup_determinism()
         if cfg.tensorboard and self.ctx.is_main:
             summary_writer_class()  # fail now, not after the first epoch
-        self.data = data if data is not None else load_data(cfg.data, image_size=cfg.image_size)
-        if cfg.train_subset is not None and cfg.train_subset < len(self.data.train):
-            order = stratified_order(self.data.train.labels, cfg.seed)
-            keep = order[: cfg.train_subset].sort().values
-            self.data = dataclasses.replace(self.data, train=self.data.train.subset(keep))
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
-            warnings.warn(
-                "--precision bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow",
-                stacklevel=2,
-            )
-        self.channels_last = resolve_channels_last(cfg.channels_last, self.device, self.precision)
+        self.data = self._training_data(data)
+        self._resolve_numerics()
 
         seed_everything(cfg.seed)  # the initial weights depend on the seed alone
         self.model = build_model(cfg, self.data).to(self.device)
@@ -560,6 +225,48 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.drop_block_prob = parse_dropblock(cfg.dropblock)[0]
 
+        self._plan_steps()
+        self._setup_optimizer()
+        self._wrap_model()
+        self._setup_augment()
+
+        self.run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
+        self.epoch = 0
+        self.global_step = 0
+        self.train_seconds = 0.0
+        self.history = None
+        self.writer = None
+        if resume is not None:
+            self._load_state(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _training_data(self, data: DataSplits | None) -> DataSplits:
+        """``data`` (default: ``load_data(cfg.data)``), its training split cut to
+        ``--train-subset`` images by a stratified order."""
+        cfg = self.cfg
+        data = data if data is not None else load_data(cfg.data, image_size=cfg.image_size)
+        if cfg.train_subset is not None and cfg.train_subset < len(data.train):
+            order = stratified_order(data.train.labels, cfg.seed)
+            keep = order[: cfg.train_subset].sort().values
+            data = dataclasses.replace(data, train=data.train.subset(keep))
+        return data
+
+    def _resolve_numerics(self) -> None:
+        """The precision and memory layout for this device."""
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn(
+                "--precision bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow",
+                stacklevel=3,  # the line that called Trainer(...)
+            )
+        self.channels_last = resolve_channels_last(
+            self.cfg.channels_last, self.device, self.precision
+        )
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch over this rank's shard, and whether the model is compiled."""
+        cfg = self.cfg
         self.world_batch = cfg.batch_size * self.ctx.world_size
         n_train = len(self.data.train)
         shard = -(-n_train // self.ctx.world_size)
@@ -575,12 +282,19 @@ class Trainer:
             self.steps_per_epoch = shard // cfg.batch_size
             self.total_steps = self.steps_per_epoch * cfg.epochs
 
+    def _setup_optimizer(self) -> None:
+        """The optimizer at the linearly scaled rate, and its warmup + decay schedule."""
+        cfg = self.cfg
         self.lr = effective_lr(cfg.base_lr, self.world_batch, cfg.lr_batch)
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.schedule = LRSchedule(cfg.schedule, self.total_steps, min(warmup, self.total_steps))
 
+    def _wrap_model(self) -> None:
+        """``self.net``: the model as DistributedDataParallel sees it (itself on one process);
+        ``self.step_net``: the same, compiled where ``self.use_compile``."""
+        cfg = self.cfg
         if cfg.sync_bn and self.ctx.enabled and self.device.type != "cuda":
             raise ValueError(
                 "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)"
@@ -591,30 +305,21 @@ class Trainer:
         self.step_net = self._compiled(self.net) if self.use_compile else self.net
         self._compile_checked = not self.use_compile
 
-        self.flip = cfg.flip == "on" or (cfg.flip == "auto" and cfg.data != "digits")
-        self.crop_padding = resolve_crop_padding(cfg)
+    def _setup_augment(self) -> None:
+        """The batch augmentation, and the whole training set on the device."""
+        self.flip = resolve_flip(self.cfg)
+        self.crop_padding = resolve_crop_padding(self.cfg)
         self.augment = BatchAugment(
             self.data.mean,
             self.data.std,
             crop_padding=self.crop_padding,
             flip=self.flip,
-            cutout_size=cfg.cutout,
+            cutout_size=self.cfg.cutout,
             channels_last=self.channels_last,
         )
         # The whole (uint8) training set lives on the device: a batch is one gather.
         self.train_x = self.data.train.images.to(self.device)
         self.train_y = self.data.train.labels.to(self.device)
-
-        self.run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
-        self.epoch = 0
-        self.global_step = 0
-        self.train_seconds = 0.0
-        self.history = None
-        self.writer = None
-        if resume is not None:
-            self._load_state(resume)
-
-    # ------------------------------------------------------------------ set-up helpers
 
     def log(self, text: str) -> None:
         if not self.ctx.is_main:
@@ -704,25 +409,30 @@ class Trainer:
         gen.manual_seed(stream_seed(cfg.seed, epoch, rank, 1))
         return gen
 
-    def train_epoch(self, epoch: int, progress=None) -> EpochStats:
-        """Train epoch ``epoch`` (1-based) over this rank's shard; figures summed over ranks."""
-        cfg = self.cfg
-        gen = self._epoch_streams(epoch)
-        index = D.shard_indices(
+    def _epoch_order(self, epoch: int) -> Tensor:
+        """This rank's shard of epoch ``epoch``'s permutation of the training set, on the device."""
+        return D.shard_indices(
             len(self.train_y),
             epoch=epoch,
-            seed=cfg.seed,
+            seed=self.cfg.seed,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         ).to(self.device)
+
+    def train_epoch(self, epoch: int, progress=None) -> EpochStats:
+        """Train epoch ``epoch`` (1-based) over this rank's shard; figures summed over ranks."""
+        batch = self.cfg.batch_size
+        gen = self._epoch_streams(epoch)
+        index = self._epoch_order(epoch)
         self.net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        # Reading the sums waits for the device: on a GPU, only every 10 steps.
         sync_every = 1 if self.device.type == "cpu" else 10
         start = time.perf_counter()
         compute = 0.0
         lr = self.lr
         for b in range(self.steps_per_epoch):
-            idx = index[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            idx = index[b * batch : (b + 1) * batch]
             lr = self.set_lr(self.global_step)
             x = self.augment(self.train_x[idx], train=True, generator=gen)
             y = self.train_y[idx]
@@ -734,19 +444,7 @@ class Trainer:
             sums[2] += y.shape[0]
             self.global_step += 1
             if (b + 1) % sync_every == 0 or b + 1 == self.steps_per_epoch:
-                total = sums.tolist()
-                if not math.isfinite(total[0]):
-                    self._diverged(epoch, b + 1)
-                if progress is not None:
-                    elapsed = time.perf_counter() - start
-                    progress.update(b + 1 - progress.n)
-                    progress.set_postfix(
-                        loss=f"{total[0] / total[2]:.4f}",
-                        acc=f"{total[1] / total[2]:.2%}",
-                        lr=f"{lr:.4g}",
-                        img_s=f"{total[2] * self.ctx.world_size / max(elapsed, 1e-9):.0f}",
-                        refresh=False,
-                    )
+                self._check_running(sums, epoch, b + 1, lr, start, progress)
         D.all_reduce_sum(sums, self.ctx)
         seconds = time.perf_counter() - start
         loss, correct, count = sums.tolist()
@@ -754,6 +452,28 @@ class Trainer:
             self._diverged(epoch, self.steps_per_epoch)
         D.broadcast_buffers(self.model, self.ctx)
         return EpochStats(loss / count, correct / count, int(count), seconds, compute, lr)
+
+    def _check_running(
+        self, sums: Tensor, epoch: int, step: int, lr: float, start: float, progress
+    ) -> None:
+        """Stop on a non-finite running loss; show this rank's running figures on ``progress``.
+
+        ``sums`` is ``float64 [3]``: summed loss, correct predictions, images so far.
+        """
+        total = sums.tolist()
+        if not math.isfinite(total[0]):
+            self._diverged(epoch, step)
+        if progress is None:
+            return
+        elapsed = time.perf_counter() - start
+        progress.update(step - progress.n)
+        progress.set_postfix(
+            loss=f"{total[0] / total[2]:.4f}",
+            acc=f"{total[1] / total[2]:.2%}",
+            lr=f"{lr:.4g}",
+            img_s=f"{total[2] * self.ctx.world_size / max(elapsed, 1e-9):.0f}",
+            refresh=False,
+        )
 
     def _diverged(self, epoch: int, step: int) -> None:
         ckpt = self.run_dir / CHECKPOINT_NAME
@@ -919,6 +639,22 @@ class Trainer:
         )
 
     def _run_epoch(self, epoch: int) -> None:
+        stats, dev_loss, dev_acc = self._train_and_evaluate(epoch)
+        self.epoch = epoch
+        self.train_seconds += stats.seconds
+        record = epoch_record(epoch, stats, dev_loss, dev_acc)
+        if self.cfg.quiet:
+            self.log(
+                f"epoch {epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f} acc "
+                f"{stats.accuracy:.2%}, dev loss {dev_loss:.4f} acc {dev_acc:.2%}, lr "
+                f"{stats.lr:.4g}, {record['images_per_second']:.0f} img/s, {stats.seconds:.1f} s"
+            )
+        if self.ctx.is_main:
+            self._write_epoch(record)
+        D.barrier(self.ctx)
+
+    def _train_and_evaluate(self, epoch: int) -> tuple[EpochStats, float, float]:
+        """Train epoch ``epoch`` under a progress bar; (its stats, dev loss, dev accuracy)."""
         progress = self._progress(epoch)
         try:
             stats = self.train_epoch(epoch, progress)
@@ -934,27 +670,7 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        self.epoch = epoch
-        self.train_seconds += stats.seconds
-        record = {
-            "epoch": epoch,
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "dev_loss": dev_loss,
-            "dev_accuracy": dev_acc,
-            "lr": stats.lr,
-            "images_per_second": stats.images / stats.seconds,
-            "epoch_seconds": stats.seconds,
-        }
-        if self.cfg.quiet:
-            self.log(
-                f"epoch {epoch}/{self.cfg.epochs}: train loss {stats.loss:.4f} acc "
-                f"{stats.accuracy:.2%}, dev loss {dev_loss:.4f} acc {dev_acc:.2%}, lr "
-                f"{stats.lr:.4g}, {record['images_per_second']:.0f} img/s, {stats.seconds:.1f} s"
-            )
-        if self.ctx.is_main:
-            self._write_epoch(record)
-        D.barrier(self.ctx)
+        return stats, dev_loss, dev_acc
 
     def _write_epoch(self, record: dict[str, Any]) -> None:
         from cnnkit.viz import plot_curves
@@ -985,18 +701,7 @@ class Trainer:
         if not self.ctx.is_main:
             return {}
         records = self.history.records
-        metrics = {
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "best_dev_accuracy": max((r["dev_accuracy"] for r in records), default=float("nan")),
-            "final_dev_accuracy": records[-1]["dev_accuracy"] if records else float("nan"),
-            "epochs": self.epoch,
-            "train_seconds": self.train_seconds,
-            "effective_lr": self.lr,
-            "global_batch": self.world_batch,
-            "world_size": self.ctx.world_size,
-            "replica_max_abs_diff": spread,
-        }
+        metrics = self._metrics(test_loss, test_acc, spread)
         atomic_write_text(self.run_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
         self.save_model_files()
         config = read_config(self.run_dir)
@@ -1010,12 +715,24 @@ class Trainer:
         self.log(f"run directory: {self.run_dir} (report.md, metrics.json, model.safetensors)")
         return metrics
 
+    def _metrics(self, test_loss: float, test_acc: float, spread: float) -> dict[str, Any]:
+        """metrics.json's figures; ``spread`` is the largest weight difference between ranks."""
+        records = self.history.records
+        return {
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "best_dev_accuracy": max((r["dev_accuracy"] for r in records), default=float("nan")),
+            "final_dev_accuracy": records[-1]["dev_accuracy"] if records else float("nan"),
+            "epochs": self.epoch,
+            "train_seconds": self.train_seconds,
+            "effective_lr": self.lr,
+            "global_batch": self.world_batch,
+            "world_size": self.ctx.world_size,
+            "replica_max_abs_diff": spread,
+        }
+
     def close(self) -> None:
         D.shutdown(self.ctx)
-
-
-def _wants_cuda(spec: str) -> bool:
-    return spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
 
 
 def summary_writer_class():
