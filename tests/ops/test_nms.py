@@ -182,3 +182,57 @@ def test_empty_and_integer_inputs():
 def test_bad_input_errors_name_the_argument(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+def clustered_boxes(n: int, seed: int, spread: float, dtype=torch.float64) -> torch.Tensor:
+    """Boxes around 3 centres, all overlapping heavily: many more suppression edges than boxes."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[100.0, 100.0], [400.0, 150.0], [250.0, 400.0]], dtype=dtype)
+    c = centres[torch.randint(0, 3, (n,), generator=gen)]
+    c = c + torch.randn(n, 2, generator=gen, dtype=dtype) * spread
+    s = torch.rand(n, 2, generator=gen, dtype=dtype) * 60 + 40
+    return torch.cat((c - s / 2, c + s / 2), 1)
+
+
+@pytest.mark.parametrize(("n", "thr", "spread"), [(1500, 0.5, 10.0), (1200, 0.3, 25.0)])
+def test_dense_clusters_match_greedy(n, thr, spread):
+    # Far more than 8 edges per box: the chunked scan (with compaction and block rebuilds).
+    boxes = clustered_boxes(n, seed=n, spread=spread)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert nms(boxes, scores, thr).tolist() == greedy_torch(boxes, scores, thr)
+
+
+def test_dense_clusters_batched_match_per_class_greedy():
+    n = 1200  # above torchvision's threshold for the per-class path; dense within each class
+    boxes = clustered_boxes(n, seed=21, spread=10.0)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    labels = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(23))
+    keep = batched_nms(boxes, scores, labels, 0.5)
+    expected = []
+    for c in range(2):
+        idx = torch.where(labels == c)[0]
+        expected += idx[greedy_torch(boxes[idx], scores[idx], 0.5)].tolist()
+    expected.sort(key=lambda i: -scores[i].item())
+    assert keep.tolist() == expected
+
+
+def test_all_identical_boxes_keep_the_first_best():
+    # Every pair has IoU 1: only the top box survives; tied scores keep the input order.
+    n = 600
+    boxes = torch.tensor([[5.0, 5.0, 25.0, 45.0]]).repeat(n, 1)
+    scores = torch.ones(n)
+    scores[300] = 2.0
+    assert nms(boxes, scores, 0.5).tolist() == [300]
+    assert nms(boxes, torch.ones(n), 0.99).tolist() == [0]
+
+
+def test_dense_chain_across_chunks():
+    # Stacked copies of the shifted-box chain: >8 edges per box (chunked scan), decisions that
+    # depend on each other across many chunks. Greedy keeps every third position, once.
+    n, copies = 400, 6
+    x = torch.arange(n, dtype=torch.float64).repeat(copies)
+    boxes = torch.stack((x, torch.zeros_like(x), x + 9, torch.full_like(x, 9.0)), 1)
+    # Score falls along the row; the copies of one position have adjacent ranks.
+    scores = torch.linspace(1, 0, n * copies, dtype=torch.float64).view(n, copies).t().reshape(-1)
+    keep = nms(boxes, scores, 0.5)
+    assert keep.tolist() == greedy_torch(boxes, scores, 0.5)

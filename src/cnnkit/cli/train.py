@@ -103,7 +103,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length")
 
     g = p.add_argument_group("regularization")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="target smoothing epsilon (default 0.1 for the digits, 0 otherwise)",
+    )
     g.add_argument(
         "--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block"
     )

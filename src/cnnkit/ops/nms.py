@@ -1,8 +1,13 @@
 """Exact greedy non-maximum suppression, vectorized.
 
 Greedy NMS (as in R-CNN and torchvision): visit boxes by decreasing score; keep a box unless an
-already kept box overlaps it with IoU > threshold. The sequential scan becomes a loop over
-*chunks* of boxes in score order, each chunk handled with data-parallel steps:
+already kept box overlaps it with IoU > threshold.
+
+Sparse inputs (the usual case): all suppression edges (pairs with IoU > threshold, compared
+block pair by block pair, see 2.) are found at once and resolved as in 3. Dense inputs (more
+than ``_DENSE_EDGES`` edges per box expected, e.g. tight clusters at IoU 0.5), where most
+edges join boxes that are suppressed anyway: the sequential scan becomes a loop over *chunks*
+of boxes in score order, each chunk handled with data-parallel steps:
 
 1. **Candidates.** The next boxes by score that no kept box has suppressed yet. Suppressed
    boxes are dropped for good (compaction), so a dense cluster costs little once its first
@@ -46,6 +51,8 @@ _BLOCK = 64
 _CHUNK_PAIRS = 1 << 18
 # Box pairs compared per IoU call: bounds the memory of the work buffers.
 _PAIR_BUDGET = 1 << 20
+# Edges per box beyond which the chunked scan is used.
+_DENSE_EDGES = 8
 # Fewest candidates per chunk.
 _MIN_CHUNK = 32
 
@@ -181,13 +188,99 @@ class _Blocks:
         self.size = live.numel()
 
 
+class _PairIoU:
+    """``IoU > threshold`` for batches of block pairs, with torchvision's float operations.
+
+    All ``[P, block, block]`` intermediates live in buffers allocated once: on CPU, fresh
+    multi-MB tensors cost more in page faults than the arithmetic itself.
+    """
+
+    def __init__(self, blocks: Tensor, threshold: float, budget: int) -> None:
+        self.x1, self.y1, self.x2, self.y2 = (blocks[..., i].contiguous() for i in range(4))
+        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+        self.threshold = threshold
+        self.t1 = blocks.new_empty(budget)
+        self.t2 = blocks.new_empty(budget)
+        self.t3 = blocks.new_empty(budget)
+        self.mask = torch.empty(budget, dtype=torch.bool, device=blocks.device)
+
+    def __call__(self, ia: Tensor, ib: Tensor) -> Tensor:
+        """``[P, block, block]`` bool for the boxes of blocks ``ia`` against those of ``ib``."""
+        p, block = ia.numel(), self.x1.shape[1]
+        shape = (p, block, block)
+        t1, t2, t3 = (t[: p * block * block].view(shape) for t in (self.t1, self.t2, self.t3))
+
+        def rows(t: Tensor) -> Tensor:
+            return t[ia][:, :, None]
+
+        def cols(t: Tensor) -> Tensor:
+            return t[ib][:, None, :]
+
+        torch.minimum(rows(self.x2), cols(self.x2), out=t1)
+        torch.maximum(rows(self.x1), cols(self.x1), out=t2)
+        t1.sub_(t2).clamp_(min=0)
+        torch.minimum(rows(self.y2), cols(self.y2), out=t2)
+        torch.maximum(rows(self.y1), cols(self.y1), out=t3)
+        t2.sub_(t3).clamp_(min=0)
+        inter = t1.mul_(t2)
+        union = torch.add(rows(self.area), cols(self.area), out=t2).sub_(inter)
+        mask = self.mask[: p * block * block].view(shape)
+        return torch.gt(inter.div_(union), self.threshold, out=mask)
+
+
+def _all_edges(
+    boxes: Tensor,
+    threshold: float,
+    labels: Tensor | None,
+    prune: bool,
+    block: int,
+    group_blocks: bool,
+    limit: int,
+) -> tuple[Tensor, Tensor] | None:
+    """Suppression edges ``(src, dst)`` (ranks, ``src < dst``): all pairs with IoU > threshold,
+    each block pair compared once. None once more than ``limit`` edges are expected."""
+    device = boxes.device
+    # [B, block] ranks, -1 padded; with group_blocks, blocks are single-category.
+    slots = _spatial_blocks(boxes, block, labels if group_blocks else None)
+    # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
+    padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
+    blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
+    adj = _block_adjacency(boxes, slots, threshold, prune, labels if group_blocks else None)
+    # Diagonal pairs first (they need the i < j mask), then the upper triangle.
+    diag = torch.arange(slots.shape[0], device=device)
+    ba, bb = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
+    ba, bb = torch.cat((diag, ba)), torch.cat((diag, bb))
+    num_diag = slots.shape[0]
+    iou = _PairIoU(blocks, threshold, min(_PAIR_BUDGET, ba.numel() * block * block))
+    upper = torch.triu(torch.ones(block, block, dtype=torch.bool, device=device), diagonal=1)
+    step = max(1, _PAIR_BUDGET // (block * block))
+    src, dst, found = [], [], 0
+    for s in range(0, ba.numel(), step):
+        ia, ib = ba[s : s + step], bb[s : s + step]
+        over = iou(ia, ib)
+        if s < num_diag:
+            # Within a block each pair is seen twice (and each box with itself): keep i < j.
+            over[: num_diag - s] &= upper
+        p, i, j = torch.nonzero(over, as_tuple=True)
+        r1, r2 = slots[ia[p], i], slots[ib[p], j]
+        if labels is not None:
+            same = labels[r1] == labels[r2]
+            r1, r2 = r1[same], r2[same]
+        src.append(torch.minimum(r1, r2))
+        dst.append(torch.maximum(r1, r2))
+        found += r1.numel()
+        # Projected from the block pairs done so far: bail out early, before most of the work.
+        if found * ba.numel() > limit * min(ba.numel(), s + step):
+            return None
+    if not src:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    return torch.cat(src), torch.cat(dst)
+
+
 class _RowIoU:
     """``IoU > threshold`` of single boxes against whole blocks, with torchvision's float
-    operations.
-
-    The ``[P, block]`` intermediates live in buffers allocated once: on CPU, fresh multi-MB
-    tensors cost more in page faults than the arithmetic itself.
-    """
+    operations; buffers as in :class:`_PairIoU`."""
 
     def __init__(self, boxes: Tensor, threshold: float, budget: int) -> None:
         self.boxes = boxes
@@ -264,10 +357,11 @@ def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> T
     return suppressed
 
 
-def _greedy(
+def _greedy_chunked(
     boxes: Tensor, threshold: float, prune: bool, labels: Tensor | None, group_blocks: bool
 ) -> Tensor:
-    """Kept ranks, ascending, of the greedy scan over ``boxes`` ``[N, 4]`` sorted by score."""
+    """Kept ranks, ascending, of the greedy scan over ``boxes`` ``[N, 4]`` sorted by score,
+    chunk by chunk (module docstring, "dense inputs")."""
     n, device = boxes.shape[0], boxes.device
     block = _block_size(n)
     block_labels = labels if group_blocks else None
@@ -318,7 +412,10 @@ def _nms(
         # The pruning rule assumes well-formed boxes (x1 <= x2, y1 <= y2): one check.
         prune = bool(((b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])).all())
     lab = None if labels is None else labels[order]
-    return order[_greedy(b, threshold, prune, lab, group_blocks)]
+    edges = _all_edges(b, threshold, lab, prune, _block_size(n), group_blocks, _DENSE_EDGES * n)
+    if edges is None:  # dense: most boxes are suppressed, skip them
+        return order[_greedy_chunked(b, threshold, prune, lab, group_blocks)]
+    return order[~_resolve_greedy(n, *edges, boxes.device)]
 
 
 def _block_size(n: int) -> int:
@@ -366,7 +463,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         # with negative coordinates (where shifted categories can overlap) stay exact.
         boxes = boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]
     # For many boxes, blocks never mix categories and only blocks of one category are compared
-    # (the shifted boxes above are apart already). Edges across categories are masked anyway.
+    # (the shifted boxes above are apart already); below it, edges across categories are masked.
     keep = _nms(boxes, scores, iou_threshold, idxs, group_blocks=many)
     if many:
         # Order among equal scores as torchvision, whose per-class path for this many boxes

@@ -42,6 +42,7 @@ from cnnkit.train.config import (
     parse_dropblock,
     resolve_crop_padding,
     resolve_flip,
+    resolve_label_smoothing,
 )
 from cnnkit.train.device import (
     autocast,
@@ -309,6 +310,7 @@ class Trainer:
         """The batch augmentation, and the whole training set on the device."""
         self.flip = resolve_flip(self.cfg)
         self.crop_padding = resolve_crop_padding(self.cfg)
+        self.label_smoothing = resolve_label_smoothing(self.cfg)
         self.augment = BatchAugment(
             self.data.mean,
             self.data.std,
@@ -380,7 +382,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
@@ -569,6 +571,7 @@ class Trainer:
             "weight_decay": self.cfg.decay,
             "steps_per_epoch": self.steps_per_epoch,
             "crop_padding": self.crop_padding,
+            "label_smoothing": self.label_smoothing,
             "flip": self.flip,
         }
         return values
