@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnkit.ops import batched_nms, nms
+
+# The module (cnnkit.ops.nms is the function), to patch its tuning constants.
+nms_module = importlib.import_module("cnnkit.ops.nms")
 
 
 def iou_py(a: list[float], b: list[float]) -> float:
@@ -66,38 +71,49 @@ int_box = st.tuples(
 ).map(lambda t: [float(t[0]), float(t[1]), float(t[0] + t[2]), float(t[1] + t[3])])
 
 
+# _DENSE_MAX_BOXES: 0 forces the spatial blocks, 10**9 the full IoU matrix (small inputs).
+BOTH_PATHS = pytest.mark.parametrize("dense_max", [0, 10**9], ids=["blocks", "dense"])
+
+
+@BOTH_PATHS
 @settings(max_examples=80, deadline=None)
 @given(
     st.lists(st.tuples(int_box, st.integers(0, 6)), min_size=0, max_size=30),
     st.sampled_from([0.0, 0.25, 0.5, 0.7, 1.0]),
 )
-def test_nms_is_exact_greedy(items, thr):
+def test_nms_is_exact_greedy(dense_max, items, thr):
     # Small integer boxes and scores: IoU exactly at the threshold, tied scores, duplicates.
     boxes = [b for b, _ in items]
     scores = [float(s) for _, s in items]
     tb = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    keep = nms(tb, torch.tensor(scores, dtype=torch.float64), thr)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nms_module, "_DENSE_MAX_BOXES", dense_max)
+        keep = nms(tb, torch.tensor(scores, dtype=torch.float64), thr)
     assert keep.dtype == torch.int64
     assert keep.tolist() == greedy_py(boxes, scores, thr)
 
 
+@BOTH_PATHS
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(int_box, st.integers(0, 6), st.integers(0, 2)), max_size=30))
-def test_batched_nms_is_per_class_greedy(items):
+def test_batched_nms_is_per_class_greedy(dense_max, items):
     boxes = [b for b, _, _ in items]
     scores = [float(s) + 0.01 * i for i, (_, s, _) in enumerate(items)]  # distinct scores
     labels = [c for _, _, c in items]
-    keep = batched_nms(
-        torch.tensor(boxes).reshape(-1, 4),
-        torch.tensor(scores),
-        torch.tensor(labels, dtype=torch.int64),
-        0.5,
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nms_module, "_DENSE_MAX_BOXES", dense_max)
+        keep = batched_nms(
+            torch.tensor(boxes).reshape(-1, 4),
+            torch.tensor(scores),
+            torch.tensor(labels, dtype=torch.int64),
+            0.5,
+        )
     assert keep.tolist() == greedy_py(boxes, scores, 0.5, labels)
 
 
 @pytest.mark.parametrize(
-    ("n", "thr", "extent"), [(700, 0.5, 300.0), (2500, 0.7, 600.0), (2500, 0.3, 600.0)]
+    ("n", "thr", "extent"),
+    [(300, 0.5, 200.0), (700, 0.5, 300.0), (2500, 0.7, 600.0), (2500, 0.3, 600.0)],
 )
 def test_nms_large_inputs_match_greedy(n, thr, extent):
     # Large enough for many spatial blocks (the pruned path).
@@ -236,3 +252,37 @@ def test_dense_chain_across_chunks():
     scores = torch.linspace(1, 0, n * copies, dtype=torch.float64).view(n, copies).t().reshape(-1)
     keep = nms(boxes, scores, 0.5)
     assert keep.tolist() == greedy_torch(boxes, scores, 0.5)
+
+
+@pytest.mark.parametrize("sizes", [(), ((10**9, 32),), ((10**9, 64),)])
+def test_every_block_size_matches_greedy(monkeypatch, sizes):
+    # The block size depends on the number of boxes (16 / 32 / 64); force each on small inputs.
+    monkeypatch.setattr(nms_module, "_BLOCK_SIZES", sizes)
+    monkeypatch.setattr(nms_module, "_DENSE_MAX_BOXES", 0)
+    for n, thr in ((900, 0.5), (200, 0.7)):
+        boxes = random_boxes(n, seed=n, extent=400.0)
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        assert nms(boxes, scores, thr).tolist() == greedy_torch(boxes, scores, thr)
+
+
+def test_density_estimate_from_diagonal_blocks(monkeypatch):
+    # With a small pair budget the block pairs take several chunks. Dense input: the estimate from
+    # the diagonal chunks alone switches to the chunked scan, before any off-diagonal pair is
+    # compared. Sparse input: all chunks are compared. Both exact.
+    monkeypatch.setattr(nms_module, "_PAIR_BUDGET", 16 * 16 * 4)
+    calls = []
+    real_call = nms_module._PairIoU.__call__
+
+    def spy(self, ia, ib):
+        calls.append(bool((ia == ib).all()))
+        return real_call(self, ia, ib)
+
+    monkeypatch.setattr(nms_module._PairIoU, "__call__", spy)
+    dense = clustered_boxes(800, seed=4, spread=10.0)
+    scores = torch.rand(800, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert nms(dense, scores, 0.5).tolist() == greedy_torch(dense, scores, 0.5)
+    assert calls and all(calls)  # diagonal block pairs only
+    calls.clear()
+    sparse = random_boxes(800, seed=8, extent=600.0)
+    assert nms(sparse, scores, 0.5).tolist() == greedy_torch(sparse, scores, 0.5)
+    assert not all(calls)  # off-diagonal pairs compared too

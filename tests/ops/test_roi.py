@@ -126,6 +126,41 @@ def test_roi_pool_gradient_goes_to_first_maximum():
     assert torch.equal(x.grad, expected)
 
 
+def ref_roi_pool_grad(x, rois, ph, pw, scale, grad):
+    """Input gradient of RoI pooling: each bin's grad goes to its first maximum (row-major)."""
+    _, c, h, w = x.shape
+    out = torch.zeros_like(x)
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        sx, sy, ex, ey = (c_round(v * scale) for v in (x1, y1, x2, y2))
+        rw, rh = max(ex - sx + 1, 1), max(ey - sy + 1, 1)
+        for i in range(ph):
+            h0 = min(max(math.floor(i * (rh / ph)) + sy, 0), h)
+            h1 = min(max(math.ceil((i + 1) * (rh / ph)) + sy, 0), h)
+            for j in range(pw):
+                w0 = min(max(math.floor(j * (rw / pw)) + sx, 0), w)
+                w1 = min(max(math.ceil((j + 1) * (rw / pw)) + sx, 0), w)
+                for ch in range(c):
+                    best, where = None, None
+                    for yy in range(h0, h1):
+                        for xx in range(w0, w1):
+                            v = x[int(b), ch, yy, xx].item()
+                            if best is None or v > best:
+                                best, where = v, (yy, xx)
+                    if where is not None:
+                        out[int(b), ch, where[0], where[1]] += grad[k, ch, i, j]
+    return out
+
+
+def test_roi_pool_values_and_gradient_match_reference_with_ties():
+    x, rois = random_case(seed=5, c=3, k=10, scale=0.5)
+    x = torch.round(x * 1.5).requires_grad_()  # few distinct values: many ties
+    got = roi_pool(x, rois, (3, 4), 0.5)
+    assert torch.equal(got, ref_roi_pool(x.detach(), rois, 3, 4, 0.5))
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    got.backward(grad)
+    assert torch.equal(x.grad, ref_roi_pool_grad(x.detach(), rois, 3, 4, 0.5, grad))
+
+
 @pytest.mark.parametrize(("aligned", "ratio"), [(True, 2), (False, -1)])
 def test_gradcheck_roi_align(aligned, ratio):
     x, rois = random_case(seed=3, n=1, c=2, h=5, w=6, k=4)

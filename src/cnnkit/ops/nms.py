@@ -3,9 +3,11 @@
 Greedy NMS (as in R-CNN and torchvision): visit boxes by decreasing score; keep a box unless an
 already kept box overlaps it with IoU > threshold.
 
-Sparse inputs (the usual case): all suppression edges (pairs with IoU > threshold, compared
+Few boxes (up to ``_DENSE_MAX_BOXES``): the suppression edges come from the full IoU matrix and
+are resolved as in 3. Sparse inputs (the usual case): all suppression edges (pairs with IoU > threshold, compared
 block pair by block pair, see 2.) are found at once and resolved as in 3. Dense inputs (more
-than ``_DENSE_EDGES`` edges per box expected, e.g. tight clusters at IoU 0.5), where most
+than ``_DENSE_EDGES`` edges per box expected, e.g. tight clusters at IoU 0.5; the estimate is
+made from the pairs inside each block, compared first, so little search is wasted), where most
 edges join boxes that are suppressed anyway: the sequential scan becomes a loop over *chunks*
 of boxes in score order, each chunk handled with data-parallel steps:
 
@@ -44,7 +46,10 @@ from cnnkit.ops.boxes import check_boxes
 
 __all__ = ["batched_nms", "nms"]
 
-# Boxes per spatial block (measured on CPU: 64 beats 32 and 128 from 1,000 to 20,000 boxes).
+# Boxes per spatial block, by number of boxes: (most boxes, block size). Measured on CPU, one
+# thread: 16 is best at 1,000 boxes, 32 from 2,000 to 5,000, 64 from 10,000 (fewer, larger
+# blocks: the [B, B] block adjacency and the per-block-pair overhead grow as B^2).
+_BLOCK_SIZES = ((1024, 16), (8192, 32))
 _BLOCK = 64
 # Box pairs compared per chunk (the chunk size adapts to it): long enough vectors to amortize
 # the per-chunk overhead, short enough that few candidates die inside their own chunk.
@@ -53,6 +58,10 @@ _CHUNK_PAIRS = 1 << 18
 _PAIR_BUDGET = 1 << 20
 # Edges per box beyond which the chunked scan is used.
 _DENSE_EDGES = 8
+# Up to this many boxes, all pairs are compared (no blocks): measured on CPU, one thread.
+_DENSE_MAX_BOXES = 320
+# Edges expected in a pair of neighbouring blocks relative to those inside one block.
+_OFF_DIAG_WEIGHT = 0.25
 # Fewest candidates per chunk.
 _MIN_CHUNK = 32
 
@@ -84,6 +93,19 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
     return float(t)
 
 
+def _major_minor_key(major: Tensor, minor: Tensor) -> Tensor:
+    """``[N]`` float64 sort key: by ``major`` (integers), then by ``minor`` (coordinates).
+
+    One sort instead of two stable ones. The order by ``major`` is exact (``minor`` is squeezed
+    into [0, 0.5], NaN and inf included), which the blocks need (one group, one strip each); the
+    order by ``minor`` may round to ties, which only changes the layout, never the result.
+    """
+    m = minor.double()
+    lo, hi = m.amin(), m.amax()
+    frac = ((m - lo) / (2 * (hi - lo) + 1)).nan_to_num(0.0).clamp(0.0, 0.5)
+    return major.double() + frac
+
+
 def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> Tensor:
     """Row indices of ``boxes`` grouped into spatially compact blocks: ``[num_blocks, block]``,
     -1 padded.
@@ -106,14 +128,12 @@ def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> 
     strip_size = block * torch.ceil(torch.ceil(sizes / num_strips) / block).long()
     strip_first = torch.cumsum(num_strips, 0) - num_strips
     # Rank along x within the group -> strip id (global over groups).
-    by_x = torch.argsort(cx, stable=True)
-    by_gx = by_x if groups is None else by_x[torch.argsort(group[by_x], stable=True)]
+    by_gx = torch.argsort(_major_minor_key(group, cx))
     g = group[by_gx]
     rank = torch.arange(n, device=device) - group_first[g]
     strip = torch.empty_like(by_gx)
     strip[by_gx] = strip_first[g] + rank // strip_size[g]
-    by_y = torch.argsort(cy, stable=True)
-    order = by_y[torch.argsort(strip[by_y], stable=True)]
+    order = torch.argsort(_major_minor_key(strip, cy))
     # Pad each strip to a whole number of blocks so that no block spans two strips.
     counts = torch.bincount(strip, minlength=int(num_strips.sum()))
     padded_counts = (counts + block - 1) // block * block
@@ -172,10 +192,12 @@ class _Blocks:
         prune: bool,
         labels: Tensor | None,
         block: int,
+        layout: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         sub = boxes[live]
         sub_labels = None if labels is None else labels[live]
-        local = _spatial_blocks(sub, block, sub_labels)
+        # layout: (slots, adj) already computed for all boxes (``live`` must then be all of them).
+        local = _spatial_blocks(sub, block, sub_labels) if layout is None else layout[0]
         padded = torch.cat((sub, sub.new_full((1, 4), math.nan)))
         coords = padded[torch.where(local >= 0, local, sub.shape[0])]  # [B, block, 4]
         self.x1, self.y1, self.x2, self.y2 = (coords[..., i].contiguous() for i in range(4))
@@ -184,7 +206,10 @@ class _Blocks:
         self.block_of = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
         rows = torch.arange(local.shape[0], device=boxes.device)[:, None].expand_as(local)
         self.block_of[self.slots[local >= 0]] = rows[local >= 0]
-        self.adj = _block_adjacency(sub, local, threshold, prune, sub_labels)
+        if layout is None:
+            self.adj = _block_adjacency(sub, local, threshold, prune, sub_labels)
+        else:
+            self.adj = layout[1]
         self.size = live.numel()
 
 
@@ -228,24 +253,31 @@ class _PairIoU:
         return torch.gt(inter.div_(union), self.threshold, out=mask)
 
 
+def _weighted_pairs(count: int, num_diag: int) -> float:
+    """Expected share of the edges in the first ``count`` block pairs (diagonal ones first), up to
+    a constant factor.
+
+    A block is compact, so its own pairs hold more edges than a pair of neighbouring blocks;
+    weighing those by ``_OFF_DIAG_WEIGHT`` lets the diagonal blocks alone predict dense inputs
+    (at 5,000 clustered boxes, IoU 0.5, this avoids a useless first million pair comparisons).
+    """
+    return min(count, num_diag) + _OFF_DIAG_WEIGHT * max(0, count - num_diag)
+
+
 def _all_edges(
-    boxes: Tensor,
-    threshold: float,
-    labels: Tensor | None,
-    prune: bool,
-    block: int,
-    group_blocks: bool,
-    limit: int,
+    boxes: Tensor, threshold: float, labels: Tensor | None, slots: Tensor, adj: Tensor, limit: int
 ) -> tuple[Tensor, Tensor] | None:
     """Suppression edges ``(src, dst)`` (ranks, ``src < dst``): all pairs with IoU > threshold,
-    each block pair compared once. None once more than ``limit`` edges are expected."""
+    each block pair compared once. None once more than ``limit`` edges are expected.
+
+    ``slots``: ``[B, block]`` ranks, -1 padded (:func:`_spatial_blocks`); ``adj``: ``[B, B]``
+    the block pairs to compare (:func:`_block_adjacency`).
+    """
     device = boxes.device
-    # [B, block] ranks, -1 padded; with group_blocks, blocks are single-category.
-    slots = _spatial_blocks(boxes, block, labels if group_blocks else None)
+    block = slots.shape[1]
     # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
     padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
     blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
-    adj = _block_adjacency(boxes, slots, threshold, prune, labels if group_blocks else None)
     # Diagonal pairs first (they need the i < j mask), then the upper triangle.
     diag = torch.arange(slots.shape[0], device=device)
     ba, bb = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
@@ -254,9 +286,16 @@ def _all_edges(
     iou = _PairIoU(blocks, threshold, min(_PAIR_BUDGET, ba.numel() * block * block))
     upper = torch.triu(torch.ones(block, block, dtype=torch.bool, device=device), diagonal=1)
     step = max(1, _PAIR_BUDGET // (block * block))
+    total = ba.numel()
+    # With more than one chunk, the diagonal chunks end at num_diag, so that the density estimate
+    # below is made from the diagonal blocks alone, before any off-diagonal pair is compared.
+    starts = [*range(0, num_diag, step), *range(num_diag, total, step)]
+    if total <= step:
+        starts = [0]
+    ends = [*starts[1:], total]
     src, dst, found = [], [], 0
-    for s in range(0, ba.numel(), step):
-        ia, ib = ba[s : s + step], bb[s : s + step]
+    for s, e in zip(starts, ends, strict=True):
+        ia, ib = ba[s:e], bb[s:e]
         over = iou(ia, ib)
         if s < num_diag:
             # Within a block each pair is seen twice (and each box with itself): keep i < j.
@@ -270,7 +309,7 @@ def _all_edges(
         dst.append(torch.maximum(r1, r2))
         found += r1.numel()
         # Projected from the block pairs done so far: bail out early, before most of the work.
-        if found * ba.numel() > limit * min(ba.numel(), s + step):
+        if found * _weighted_pairs(total, num_diag) > limit * _weighted_pairs(e, num_diag):
             return None
     if not src:
         empty = torch.empty(0, dtype=torch.long, device=device)
@@ -336,6 +375,25 @@ def _edges_from(
     return torch.cat(src), torch.cat(dst), pairs
 
 
+def _dense_edges(boxes: Tensor, threshold: float, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Suppression edges ``(src, dst)`` (ranks, ``src < dst``) from the full ``[N, N]`` IoU
+    matrix of ``boxes`` ``[N, 4]`` (torchvision's float operations).
+
+    For few boxes: N^2 cheap pairs cost less than the ~100 small operations of the blocks.
+    """
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, None], x2) - torch.maximum(x1[:, None], x1)).clamp_(min=0)
+    h = (torch.minimum(y2[:, None], y2) - torch.maximum(y1[:, None], y1)).clamp_(min=0)
+    inter = w.mul_(h)
+    union = (area[:, None] + area).sub_(inter)
+    src, dst = torch.nonzero(inter.div_(union) > threshold, as_tuple=True)
+    upper = src < dst  # each pair once; a box never suppresses itself
+    if labels is not None:
+        upper &= labels[src] == labels[dst]
+    return src[upper], dst[upper]
+
+
 def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> Tensor:
     """``[N]`` bool, the boxes suppressed by the unique ``keep`` with
     ``keep[j] = not any(keep[i] for edges i -> j)`` (edges ``i < j``).
@@ -358,7 +416,12 @@ def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> T
 
 
 def _greedy_chunked(
-    boxes: Tensor, threshold: float, prune: bool, labels: Tensor | None, group_blocks: bool
+    boxes: Tensor,
+    threshold: float,
+    prune: bool,
+    labels: Tensor | None,
+    group_blocks: bool,
+    layout: tuple[Tensor, Tensor],
 ) -> Tensor:
     """Kept ranks, ascending, of the greedy scan over ``boxes`` ``[N, 4]`` sorted by score,
     chunk by chunk (module docstring, "dense inputs")."""
@@ -366,7 +429,7 @@ def _greedy_chunked(
     block = _block_size(n)
     block_labels = labels if group_blocks else None
     live = torch.arange(n, device=device)
-    blocks = _Blocks(boxes, live, threshold, prune, block_labels, block)
+    blocks = _Blocks(boxes, live, threshold, prune, block_labels, block, layout)
     iou = _RowIoU(boxes, threshold, min(_PAIR_BUDGET, n * block * blocks.adj.shape[0]))
     step = max(1, _PAIR_BUDGET // block)
     dead = torch.zeros(n, dtype=torch.bool, device=device)
@@ -412,14 +475,21 @@ def _nms(
         # The pruning rule assumes well-formed boxes (x1 <= x2, y1 <= y2): one check.
         prune = bool(((b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])).all())
     lab = None if labels is None else labels[order]
-    edges = _all_edges(b, threshold, lab, prune, _block_size(n), group_blocks, _DENSE_EDGES * n)
+    if n <= _DENSE_MAX_BOXES:
+        return order[~_resolve_greedy(n, *_dense_edges(b, threshold, lab), boxes.device)]
+    # [B, block] ranks, -1 padded (with group_blocks, single-category blocks), and the block
+    # pairs to compare: shared by both paths.
+    block_labels = lab if group_blocks else None
+    slots = _spatial_blocks(b, _block_size(n), block_labels)
+    adj = _block_adjacency(b, slots, threshold, prune, block_labels)
+    edges = _all_edges(b, threshold, lab, slots, adj, _DENSE_EDGES * n)
     if edges is None:  # dense: most boxes are suppressed, skip them
-        return order[_greedy_chunked(b, threshold, prune, lab, group_blocks)]
+        return order[_greedy_chunked(b, threshold, prune, lab, group_blocks, (slots, adj))]
     return order[~_resolve_greedy(n, *edges, boxes.device)]
 
 
 def _block_size(n: int) -> int:
-    return min(_BLOCK, max(16, 1 << max(n - 1, 0).bit_length()))
+    return next((size for most, size in _BLOCK_SIZES if n <= most), _BLOCK)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
