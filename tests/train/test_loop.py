@@ -102,7 +102,7 @@ def test_precision_and_layout_choices(monkeypatch):
     assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr("cnnkit.train.device.cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_channels_last("auto", cpu, "fp32") is False
+    assert resolve_channels_last("auto", cpu, "fp32") is True
     assert resolve_channels_last("auto", cpu, "bf16") is True
     assert resolve_channels_last("off", cpu, "bf16") is False
 
