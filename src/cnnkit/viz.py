@@ -16,26 +16,15 @@ matplotlib.use("Agg")
 def _save_png(fig, path) -> None:
     """Write ``fig`` to ``path`` through a temporary file + rename: a reader never sees half a PNG."""
     import io
-    import os
-    import tempfile
-    from pathlib import Path
 
     import matplotlib.pyplot as plt
+
+    from cnnkit.train.checkpoint import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _series(records: list[dict], key: str) -> list[float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,12 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    out = Path(path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    from cnnkit.train.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _check_inputs(*paths: str) -> None:

@@ -172,17 +172,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {spec}: the {args.split} split is empty")
     _check_compatible(run_dir, config, model, dataset, spec)
 
-    logits = (
-        predict_logits(
-            model,
-            dataset.images,
-            mean=data["mean"],
-            std=data["std"],
-            batch_size=batch_size,
-            device=device,
-        )
-        .float()
-        .cpu()
+    logits = predict_logits(  # float32 on the CPU
+        model,
+        dataset.images,
+        mean=data["mean"],
+        std=data["std"],
+        batch_size=batch_size,
+        device=device,
     )
     labels = dataset.labels.long().cpu()
     classes = [str(c) for c in dataset.classes]
@@ -249,12 +245,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # Read every image before the model runs: a bad file fails fast, naming itself.
     images = [_read_image(load_image, path, tuple(size)) for path in args.images]
     model = load_model(run_dir)
-    logits = (
-        predict_logits(
-            model, torch.stack(images), mean=data["mean"], std=data["std"], device=device
-        )
-        .float()
-        .cpu()
+    logits = predict_logits(  # float32 on the CPU
+        model, torch.stack(images), mean=data["mean"], std=data["std"], device=device
     )
     if logits.shape[1] != len(classes):
         raise ValueError(

@@ -13,6 +13,7 @@ checkpoint, which is left intact).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -148,50 +149,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-CONFIG_FIELDS = [
-    "model",
-    "data",
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_batch",
-    "optimizer",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "no_decay_norm_bias",
-    "schedule",
-    "warmup_epochs",
-    "label_smoothing",
-    "drop_path",
-    "dropblock",
-    "dropout",
-    "cutout",
-    "norm",
-    "norm_groups",
-    "crop_padding",
-    "flip",
-    "image_size",
-    "in_chans",
-    "train_subset",
-    "precision",
-    "channels_last",
-    "compile",
-    "device",
-    "threads",
-    "seed",
-    "deterministic",
-    "sync_bn",
-    "out",
-    "quiet",
-    "tensorboard",
-]
-
-
 def config_from_args(args: argparse.Namespace):
     from cnnkit.train.config import TrainConfig
 
-    values = {name: getattr(args, name) for name in CONFIG_FIELDS}
+    # Every TrainConfig field is the dest of the flag of the same name, except model_args
+    # (collected from the repeated --model-arg).
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "model_args"
+    }
     values["model_args"] = dict(args.model_arg)
     return TrainConfig(**values)
 

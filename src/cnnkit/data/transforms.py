@@ -127,6 +127,20 @@ class BatchAugment:
         self.flip = bool(flip)
         self.cutout_size = int(cutout_size)
         self.channels_last = channels_last
+        # (device, scale) -> the [1, C, 1, 1] factors of normalize, built once per device so the
+        # per-step path copies nothing from the host.
+        self._affine: dict[tuple[torch.device, float], tuple[Tensor, Tensor]] = {}
+
+    def _affine_factors(self, device: torch.device, scale: float) -> tuple[Tensor, Tensor]:
+        """``(a, b)``, each ``float32 [1, C, 1, 1]``: ``(x / scale - mean) / std == x * a + b``."""
+        key = (device, scale)
+        if key not in self._affine:
+            a = torch.tensor([1.0 / (scale * s) for s in self.std], device=device)
+            b = torch.tensor(
+                [-m / s for m, s in zip(self.mean, self.std, strict=True)], device=device
+            )
+            self._affine[key] = (a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+        return self._affine[key]
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 ``[N, C, H, W]`` (0..255) or float in [0, 1] -> ``(x - mean) / std``, float32."""
@@ -136,11 +150,8 @@ class BatchAugment:
             )
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
         # (x / scale - mean) / std == x * a + b, one fused multiply-add per value.
-        a = torch.tensor([1.0 / (scale * s) for s in self.std], device=x.device)
-        b = torch.tensor(
-            [-m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device
-        )
-        out = torch.addcmul(b.view(1, -1, 1, 1), x.float(), a.view(1, -1, 1, 1))
+        a, b = self._affine_factors(x.device, scale)
+        out = torch.addcmul(b, x.float(), a)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def __call__(

@@ -126,8 +126,10 @@ def _summarize(p: COCOParams, precision: np.ndarray, recall: np.ndarray) -> tupl
     return stats, lines
 
 
-def _box_iou_pairs(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """IoU [P] of xywh box pairs, operation by operation as pycocotools' ``bbIou`` (C)."""
+def box_iou_pairs(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """IoU [P] of xywh box pairs dt, gt [P, 4], operation by operation as pycocotools' ``bbIou``
+    (C); where ``crowd`` [P] is set, intersection over the detection's area. 0 without overlap.
+    """
     w = np.minimum(dt[:, 2] + dt[:, 0], gt[:, 2] + gt[:, 0]) - np.maximum(dt[:, 0], gt[:, 0])
     h = np.minimum(dt[:, 3] + dt[:, 1], gt[:, 3] + gt[:, 1]) - np.maximum(dt[:, 1], gt[:, 1])
     inter = w * h
@@ -199,7 +201,7 @@ def _pair_ious(
     d, g, offset = _pair_index(gr)
     dr, gr_rows = gr.dt_rows[d], gr.gt_rows[g]
     if p.iou_type == "bbox":
-        return _box_iou_pairs(dt.bbox[dr], gt.bbox[gr_rows], gt.iscrowd[gr_rows]), offset
+        return box_iou_pairs(dt.bbox[dr], gt.bbox[gr_rows], gt.iscrowd[gr_rows]), offset
     if p.iou_type == "keypoints":
         ious = oks_pairs(
             dt.keypoints[dr],
@@ -370,20 +372,21 @@ def _evaluate(g: GroundTruth, d: Detections, p: COCOParams, progress: bool) -> C
     )
     stats, lines = _summarize(p, precision, recall)
     cat_ids = [c.item() if isinstance(c, np.generic) else c for c in g.cat_ids[cat_ok]]
+    names = [n for n, ok in zip(g.cat_names, cat_ok, strict=True) if ok]
     return COCOResult(
         params=p,
         stats=stats,
         precision=precision,
         recall=recall,
-        per_class=_per_class(g, cat_ok, precision) if p.use_cats else {},
+        per_class=_per_class(names, cat_ids, precision) if p.use_cats else {},
         cat_ids=cat_ids,
         lines=lines,
     )
 
 
-def _per_class(g: GroundTruth, cat_ok: np.ndarray, precision: np.ndarray) -> dict[Any, float]:
-    names = [n for n, ok in zip(g.cat_names, cat_ok, strict=True) if ok]
-    ids = [c.item() if isinstance(c, np.generic) else c for c in g.cat_ids[cat_ok]]
+def _per_class(names: list[str], ids: list[Any], precision: np.ndarray) -> dict[Any, float]:
+    """AP@[.50:.95] (area "all", largest maxDets) of each evaluated category, by name (by id
+    where names repeat)."""
     keys = names if len(set(names)) == len(names) else ids
     out = {}
     for k, key in enumerate(keys):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnkit.evaluation.coco import box_iou_pairs
 from cnnkit.evaluation.coco_io import (
     is_predictions,
     load_json,
@@ -193,20 +194,6 @@ def _resolve_names(results: list[Any], gt: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def _box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Elementwise IoU [P] of box pairs [P, 4] (continuous coordinates; 0 for empty unions)."""
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = union - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-def _xyxy(xywh: np.ndarray) -> np.ndarray:
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-
-
 def voc_evaluate(
     gt: str | os.PathLike | Mapping[str, Any],
     dt: str | os.PathLike | Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]],
@@ -248,7 +235,7 @@ def voc_evaluate(
     owner = np.repeat(np.arange(len(d_key)), count)
     local = np.arange(int(count.sum())) - offset[owner]
     g_rows = g_order[start[owner] + local]
-    iou = _box_iou_xyxy(_xyxy(d.bbox[owner]), _xyxy(g.bbox[g_rows]))
+    iou = box_iou_pairs(d.bbox[owner], g.bbox[g_rows], np.zeros(len(owner), dtype=bool))
     has = count > 0
     best = np.full(len(d_key), -np.inf)
     best_row = np.zeros(len(d_key), dtype=np.int64)
@@ -279,15 +266,13 @@ def voc_evaluate(
         fps = np.cumsum(~tp[sel]).astype(np.float64)
         npos = int(npos_all[c])
         result.npos[key] = npos
+        result.precision[key] = prec = tps / np.maximum(tps + fps, np.finfo(np.float64).eps)
         if npos == 0:
             result.ap[key] = float("nan")
             result.excluded.append(key)
             result.recall[key] = np.zeros(len(tps))
-            result.precision[key] = tps / np.maximum(tps + fps, np.finfo(np.float64).eps)
             continue
-        rec = tps / npos
-        prec = tps / np.maximum(tps + fps, np.finfo(np.float64).eps)
-        result.recall[key], result.precision[key] = rec, prec
+        result.recall[key] = rec = tps / npos
         result.ap[key] = ap_11_point(rec, prec) if use_07_metric else ap_all_point(rec, prec)
     valid = [v for v in result.ap.values() if not np.isnan(v)]
     result.map = float(np.mean(valid)) if valid else float("nan")

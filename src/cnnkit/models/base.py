@@ -8,11 +8,26 @@ exposes the per-stage feature maps with :attr:`stage_channels` and :attr:`stage_
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from cnnkit.layers.norm import check_norm
 from cnnkit.layers.regularize import STOCHASTIC_DEPTH_MODES, check_probability
+
+# DropBlock's default block size per stem: Ghiasi et al. use 7 on ImageNet's 14x14 / 7x7 maps;
+# CIFAR's 16x16 / 8x8 maps need less.
+DEFAULT_DROP_BLOCK_SIZE = {"cifar": 3, "imagenet": 7}
+
+
+def is_positive_int(value: object) -> bool:
+    """True for an ``int`` >= 1 (``bool`` excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """``value`` when it is a positive integer; a ValueError naming ``name`` otherwise."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
 
 
 def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
@@ -33,9 +48,8 @@ def check_common_args(
     dropout: float,
 ) -> None:
     """Validate the arguments every family shares, naming the offending one."""
-    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+    check_positive_int(num_classes, "num_classes")
+    check_positive_int(in_chans, "in_chans")
     check_norm(norm)
     check_choice(drop_path_mode, STOCHASTIC_DEPTH_MODES, "drop_path_mode")
     for name, value in (
@@ -44,6 +58,31 @@ def check_common_args(
         ("dropout", dropout),
     ):
         check_probability(value, name)
+
+
+def head_dropout_layer(dropout: float) -> nn.Dropout | None:
+    """The dropout before the classifier (``None`` when ``dropout == 0``)."""
+    return nn.Dropout(dropout) if dropout > 0 else None
+
+
+def init_conv_net(
+    model: nn.Module, *, conv_mode: str = "fan_out", zero_linear_bias: bool = False
+) -> None:
+    """He initialization (He et al., 2015) of every conv; norms' affine to (1, 0).
+
+    ``conv_mode`` is Kaiming's ``"fan_out"`` (torchvision's ResNet) or ``"fan_in"``; conv biases
+    start at zero, and linear biases too when ``zero_linear_bias``.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
 
 
 class ConvNet(nn.Module):
@@ -76,7 +115,7 @@ class ConvNet(nn.Module):
 
     def forward_head(self, features: Tensor) -> Tensor:
         """``[N, C, h, w]`` -> logits ``[N, num_classes]``: global average pool, dropout, linear."""
-        pooled = torch.flatten(features.mean((2, 3)), 1)
+        pooled = features.mean((2, 3))
         head_dropout = getattr(self, "head_dropout", None)
         if head_dropout is not None:
             pooled = head_dropout(pooled)

@@ -31,7 +31,16 @@ from cnnkit.layers.regularize import (
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet, check_common_args
+from cnnkit.models.base import (
+    DEFAULT_DROP_BLOCK_SIZE,
+    ConvNet,
+    check_choice,
+    check_common_args,
+    check_positive_int,
+    head_dropout_layer,
+    init_conv_net,
+    is_positive_int,
+)
 from cnnkit.models.registry import register_model
 
 STEMS = ("cifar", "imagenet")
@@ -60,6 +69,8 @@ class DenseLayer(nn.Module):
     ) -> None:
         super().__init__()
         mid = in_channels
+        # A plain flag: hasattr() on a missing submodule raises inside nn.Module every forward.
+        self.bottleneck = bottleneck
         if bottleneck:
             mid = bn_size * growth_rate
             self.norm1 = make_norm(norm, in_channels, norm_groups)
@@ -73,7 +84,7 @@ class DenseLayer(nn.Module):
         self.drop_path = StochasticDepth(survival_prob, drop_path_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self, "conv1"):
+        if self.bottleneck:
             x = self.conv1(self.relu1(self.drop_block(self.norm1(x))))
             x = F.dropout(x, self.drop_rate, self.training)
         x = self.conv2(self.relu2(self.drop_block(self.norm2(x))))
@@ -116,7 +127,7 @@ def cifar_block_config(depth: int, bottleneck: bool) -> list[int]:
     (basic) or 2 (bottleneck) convolutions per dense layer: ``depth = 3 * n * convs + 4``.
     """
     convs = 2 if bottleneck else 1
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 3 * convs + 4:
+    if not is_positive_int(depth) or depth < 3 * convs + 4:
         raise ValueError(f"depth={depth!r} is too small for a DenseNet (minimum {3 * convs + 4})")
     if (depth - 4) % (3 * convs):
         form = "6n+4 with bottleneck" if bottleneck else "3n+4 without bottleneck"
@@ -134,12 +145,6 @@ COMMON_ARGS = (
     "drop_block",
     "dropout",
 )
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return value
 
 
 class DenseNet(ConvNet):
@@ -192,14 +197,13 @@ class DenseNet(ConvNet):
     ) -> None:
         super().__init__()
         blocks = self._check_args(locals())
-        _check_positive_int(growth_rate, "growth_rate")
+        check_positive_int(growth_rate, "growth_rate")
         init = 2 * growth_rate if num_init_features is None else num_init_features
-        _check_positive_int(init, "num_init_features")
+        check_positive_int(init, "num_init_features")
         survival = iter(survival_probs(drop_path_rate, sum(blocks)))
         dropblock_on = drop_block_stage_indices(drop_block_stages, len(blocks))
         if drop_block_size is None:
-            # Ghiasi et al. use 7 on ImageNet's 14x14 / 7x7 maps; CIFAR's 16x16 / 8x8 need less.
-            drop_block_size = 7 if stem == "imagenet" else 3
+            drop_block_size = DEFAULT_DROP_BLOCK_SIZE[stem]
 
         features: OrderedDict[str, nn.Module] = OrderedDict()
         if stem == "imagenet":
@@ -241,20 +245,20 @@ class DenseNet(ConvNet):
         features[f"norm{len(blocks) + 1}"] = make_norm(norm, channels, norm_groups)
         self.features = nn.Sequential(features)
         self.num_features = channels
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.head_dropout = head_dropout_layer(dropout)
         self.classifier = nn.Linear(channels, num_classes)
-        self._init_weights()
+        # He initialization for convolutions (fan-in, as torchvision's DenseNet).
+        init_conv_net(self, conv_mode="fan_in", zero_linear_bias=True)
 
     @staticmethod
     def _check_args(args: dict) -> list[int]:
         """Validate the configuration; return the layers per dense block."""
-        if args["stem"] not in STEMS:
-            raise ValueError(f"stem={args['stem']!r} is not one of {', '.join(STEMS)}")
+        check_choice(args["stem"], STEMS, "stem")
         check_common_args(**{name: args[name] for name in COMMON_ARGS})
         check_probability(args["drop_rate"], "drop_rate")
         if not 0.0 < args["compression"] <= 1.0:
             raise ValueError(f"compression={args['compression']!r} must be in (0, 1]")
-        _check_positive_int(args["bn_size"], "bn_size")
+        check_positive_int(args["bn_size"], "bn_size")
         depth, config = args["depth"], args["block_config"]
         if (depth is None) == (config is None):
             raise ValueError("give exactly one of depth (CIFAR DenseNet) and block_config")
@@ -263,19 +267,8 @@ class DenseNet(ConvNet):
         if not isinstance(config, (list, tuple)) or not config:
             raise ValueError(f"block_config={config!r} must be a non-empty list of layer counts")
         for n in config:
-            _check_positive_int(n, "block_config entry")
+            check_positive_int(n, "block_config entry")
         return list(config)
-
-    def _init_weights(self) -> None:
-        # He initialization for convolutions (as torchvision and the paper's code do).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """``[N, in_chans, H, W]`` -> the output of each dense block (before the final norm).

@@ -35,7 +35,16 @@ from cnnkit.layers.regularize import (
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet, check_common_args
+from cnnkit.models.base import (
+    DEFAULT_DROP_BLOCK_SIZE,
+    ConvNet,
+    check_choice,
+    check_common_args,
+    check_positive_int,
+    head_dropout_layer,
+    init_conv_net,
+    is_positive_int,
+)
 from cnnkit.models.registry import register_model
 
 WIDENINGS = ("additive", "multiplicative")
@@ -45,8 +54,7 @@ _EPS = 1e-9
 
 def block_widths(base: int, alpha: float, num_blocks: int, widening: str = "additive") -> list[int]:
     """Width ``D_k`` of each of the ``num_blocks`` residual blocks (Han et al., eq. 2 and 3)."""
-    if widening not in WIDENINGS:
-        raise ValueError(f"widening={widening!r} is not one of {', '.join(WIDENINGS)}")
+    check_choice(widening, WIDENINGS, "widening")
     if widening == "additive":
         return [math.floor(base + k * alpha / num_blocks + _EPS) for k in range(1, num_blocks + 1)]
     return [math.floor(base * alpha ** (k / num_blocks) + _EPS) for k in range(1, num_blocks + 1)]
@@ -56,7 +64,7 @@ def blocks_per_stage(depth: int, bottleneck: bool) -> int:
     """``n`` from ``depth = 2 + 3 * layers * n`` (2 layers per basic block, 3 per bottleneck)."""
     layers = 3 if bottleneck else 2
     form = "9n+2 for bottleneck blocks" if bottleneck else "6n+2 for basic blocks"
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 3 * layers + 2:
+    if not is_positive_int(depth) or depth < 3 * layers + 2:
         raise ValueError(f"depth={depth!r} must be an integer of the form {form}")
     if (depth - 2) % (3 * layers):
         raise ValueError(f"depth={depth} is not of the form {form}")
@@ -67,7 +75,7 @@ def _check_groups_divide(groups: int, widths: list[int], bottleneck: bool) -> No
     """Group norm needs every width divisible by ``groups``; PyramidNet's widths rarely are."""
     channels = widths + ([4 * w for w in widths[1:]] if bottleneck else [])
     common = math.gcd(*channels)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or common % groups:
+    if not is_positive_int(groups) or common % groups:
         raise ValueError(
             f"norm_groups={groups!r} does not divide every PyramidNet width (they grow by about "
             f"alpha/N channels per block); the largest that does is norm_groups={common}"
@@ -96,6 +104,7 @@ class PyramidBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.stride = stride
+        self.bottleneck = bottleneck
         self.out_channels = planes * 4 if bottleneck else planes
         self.norm1 = make_norm(norm, in_channels, norm_groups)
         if bottleneck:
@@ -119,7 +128,7 @@ class PyramidBlock(nn.Module):
         out = self.conv1(db(self.norm1(x)))
         out = self.conv2(F.relu(db(self.norm2(out))))
         out = db(self.norm3(out))
-        if hasattr(self, "conv3"):
+        if self.bottleneck:
             out = db(self.norm4(self.conv3(F.relu(out))))
         return out
 
@@ -181,13 +190,7 @@ class PyramidNet(ConvNet):
             drop_block=drop_block,
             dropout=dropout,
         )
-        for name, value in (
-            ("base_channels", base_channels),
-            ("num_classes", num_classes),
-            ("in_chans", in_chans),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_positive_int(base_channels, "base_channels")
         lowest = 1.0 if widening == "multiplicative" else 0.0
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < lowest:
             raise ValueError(
@@ -199,7 +202,9 @@ class PyramidNet(ConvNet):
             _check_groups_divide(norm_groups, [base_channels, *widths], bottleneck)
         survival = survival_probs(drop_path_rate, 3 * n)
         dropblock_on = drop_block_stage_indices(drop_block_stages, 3)
-        block_size = 3 if drop_block_size is None else drop_block_size
+        block_size = (
+            DEFAULT_DROP_BLOCK_SIZE["cifar"] if drop_block_size is None else drop_block_size
+        )
 
         self.conv1 = nn.Conv2d(in_chans, base_channels, 3, padding=1, bias=False)
         self.norm1 = make_norm(norm, base_channels, norm_groups)
@@ -228,20 +233,10 @@ class PyramidNet(ConvNet):
             self.stage_strides.append(2**stage)
         self.final_norm = make_norm(norm, channels, norm_groups)
         self.num_features = channels
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.head_dropout = head_dropout_layer(dropout)
         self.fc = nn.Linear(channels, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         # He initialization with fan-out, as the paper's Torch code (std = sqrt(2 / (k*k*C_out))).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_conv_net(self, zero_linear_bias=True)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """``[N, in_chans, H, W]`` -> the output of each of the three stages (before the final BN)."""

@@ -36,7 +36,16 @@ from cnnkit.layers.regularize import (
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet, check_choice, check_common_args
+from cnnkit.models.base import (
+    DEFAULT_DROP_BLOCK_SIZE,
+    ConvNet,
+    check_choice,
+    check_common_args,
+    check_positive_int,
+    head_dropout_layer,
+    init_conv_net,
+    is_positive_int,
+)
 from cnnkit.models.registry import register_model
 
 BLOCKS = ("basic", "bottleneck")
@@ -46,7 +55,6 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 # Layers per residual block, for the depth rule depth = 2 + layers_per_block * blocks.
 LAYERS_PER_BLOCK = {"basic": 2, "bottleneck": 3}
 DEFAULT_WIDTHS = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
-DEFAULT_DROP_BLOCK_SIZE = {"cifar": 3, "imagenet": 7}
 
 
 def conv(
@@ -54,18 +62,6 @@ def conv(
 ) -> nn.Conv2d:
     """``kernel x kernel`` convolution with 'same' padding (``[N, cin, H, W] -> [N, cout, H/s, W/s]``)."""
     return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
-
-
-def init_conv_net(model: nn.Module) -> None:
-    """He initialization (He et al., 2015) for convs (fan-out, as torchvision); norms to (1, 0)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -244,15 +240,13 @@ def blocks_per_stage(
         raise ValueError(f"give exactly one of depth={depth!r} and layers={layers!r}")
     if layers is not None:
         layers = list(layers)
-        if len(layers) != num_stages or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers
-        ):
+        if len(layers) != num_stages or not all(is_positive_int(n) for n in layers):
             raise ValueError(
                 f"layers={layers!r} must be {num_stages} positive integers (one per stage of widths)"
             )
         return layers
     per_stage = LAYERS_PER_BLOCK[block] * num_stages
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2 + per_stage:
+    if not is_positive_int(depth) or depth < 2 + per_stage:
         raise ValueError(f"depth={depth!r} must be an integer of the form {per_stage}n+2, n >= 1")
     if (depth - 2) % per_stage:
         raise ValueError(
@@ -322,14 +316,11 @@ class ResNet(ConvNet):
             dropout=dropout,
         )
         widths = list(DEFAULT_WIDTHS[stem] if widths is None else widths)
-        if not widths or any(
-            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
-        ):
+        if not widths or not all(is_positive_int(w) for w in widths):
             raise ValueError(f"widths={widths!r} must be a non-empty list of positive integers")
         layers = blocks_per_stage(depth, layers, block, len(widths))
-        for value, name in ((groups, "groups"), (width_per_group, "width_per_group")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_positive_int(groups, "groups")
+        check_positive_int(width_per_group, "width_per_group")
         if block == "basic" and (groups != 1 or width_per_group != 64):
             raise ValueError(
                 f"block='basic' supports only groups=1 and width_per_group=64 (got groups={groups}, "
@@ -352,7 +343,7 @@ class ResNet(ConvNet):
         self._build_stages(block, layers, widths, spec, drop_path_rate, drop_block_stages)
         self.stage_strides = [self._stem_stride * 2**i for i in range(len(widths))]
         self.num_features = self.stage_channels[-1]
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.head_dropout = head_dropout_layer(dropout)
         self.fc = nn.Linear(self.num_features, num_classes)
         init_conv_net(self)
         if zero_init_residual:

@@ -32,9 +32,16 @@ from cnnkit.layers.regularize import (
     drop_block_stage_indices,
     survival_probs,
 )
-from cnnkit.models.base import ConvNet, check_common_args
+from cnnkit.models.base import (
+    ConvNet,
+    check_common_args,
+    check_positive_int,
+    head_dropout_layer,
+    init_conv_net,
+    is_positive_int,
+)
 from cnnkit.models.registry import register_model
-from cnnkit.models.resnet import ResNet, conv, init_conv_net
+from cnnkit.models.resnet import ResNet, conv
 
 BASE_WIDTHS = (16, 32, 64)
 
@@ -54,9 +61,7 @@ def parse_block(block: str | list[int]) -> list[int]:
         kernels = list(block)
     else:
         raise TypeError(f"block must be a string like '3,3' or a list of ints, got {block!r}")
-    if not kernels or any(
-        isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels
-    ):
+    if not kernels or any(not is_positive_int(k) or k % 2 == 0 for k in kernels):
         raise ValueError(f"block={block!r} must list positive odd kernel sizes, e.g. [3, 3]")
     return kernels
 
@@ -164,15 +169,14 @@ class WideResNet(ConvNet):
         check_probability(block_dropout, "block_dropout")
         kernels = parse_block(block)
         per_block = 3 * len(kernels)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_block + 4:
+        if not is_positive_int(depth) or depth < per_block + 4:
             raise ValueError(f"depth={depth!r} must be an integer {per_block}N+4 with N >= 1")
         if (depth - 4) % per_block:
             raise ValueError(
                 f"depth={depth}: depth - 4 must be divisible by {per_block} "
                 f"(3 stages x {len(kernels)} convs per block B{tuple(kernels)})"
             )
-        if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
-            raise ValueError(f"widen_factor={widen_factor!r} must be a positive integer")
+        check_positive_int(widen_factor, "widen_factor")
         num_blocks = (depth - 4) // per_block
         widths = [w * widen_factor for w in BASE_WIDTHS]
         probs = iter(survival_probs(drop_path_rate, 3 * num_blocks))
@@ -201,7 +205,7 @@ class WideResNet(ConvNet):
         # Pre-activation leaves the last block's output un-normalized: norm + ReLU before pooling.
         self.bn = make_norm(norm, widths[-1], norm_groups)
         self.relu = nn.ReLU(inplace=True)
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.head_dropout = head_dropout_layer(dropout)
         self.fc = nn.Linear(widths[-1], num_classes)
         init_conv_net(self)
 

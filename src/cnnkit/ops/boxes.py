@@ -45,6 +45,15 @@ def check_boxes(boxes: Tensor, name: str, ndim: int | None = 2) -> None:
         raise ValueError(f"{name} must have shape {want}, got {list(boxes.shape)}")
 
 
+def _check_same_count(a: Tensor, name_a: str, b: Tensor, name_b: str) -> None:
+    """Raise ValueError naming both arguments unless ``a`` and ``b`` have as many rows."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} must hold the same number of rows, got {a.shape[0]} "
+            f"and {b.shape[0]}"
+        )
+
+
 def _float(boxes: Tensor) -> Tensor:
     # Integer boxes would make IoU an integer division; half precision loses too much in the
     # products. Compute in float32 then (float64 stays float64).
@@ -96,11 +105,7 @@ def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of paired boxes: ``boxes1[i]`` with ``boxes2[i]``, both ``Tensor[N, 4]`` -> ``Tensor[N]``."""
     check_boxes(boxes1, "boxes1")
     check_boxes(boxes2, "boxes2")
-    if boxes1.shape[0] != boxes2.shape[0]:
-        raise ValueError(
-            f"boxes1 and boxes2 must hold the same number of boxes, got {boxes1.shape[0]} "
-            f"and {boxes2.shape[0]}"
-        )
+    _check_same_count(boxes1, "boxes1", boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
     return _safe_ratio(inter, union)
 
@@ -184,11 +189,7 @@ def encode_boxes(
     """
     check_boxes(reference_boxes, "reference_boxes")
     check_boxes(boxes, "boxes")
-    if reference_boxes.shape[0] != boxes.shape[0]:
-        raise ValueError(
-            f"reference_boxes and boxes must hold the same number of boxes, got "
-            f"{reference_boxes.shape[0]} and {boxes.shape[0]}"
-        )
+    _check_same_count(reference_boxes, "reference_boxes", boxes, "boxes")
     wx, wy, ww, wh = _check_weights(weights)
     rx, ry, rw, rh = _centre_size(reference_boxes)
     x, y, w, h = _centre_size(boxes)
@@ -221,11 +222,7 @@ def decode_boxes(
         raise TypeError(f"deltas must be a torch.Tensor, got {type(deltas).__name__}")
     if deltas.dim() != 2 or deltas.shape[1] % 4 != 0 or deltas.shape[1] == 0:
         raise ValueError(f"deltas must have shape [N, 4 * k], got {list(deltas.shape)}")
-    if deltas.shape[0] != reference_boxes.shape[0]:
-        raise ValueError(
-            f"deltas and reference_boxes must hold the same number of rows, got "
-            f"{deltas.shape[0]} and {reference_boxes.shape[0]}"
-        )
+    _check_same_count(deltas, "deltas", reference_boxes, "reference_boxes")
     wx, wy, ww, wh = _check_weights(weights)
     reference_boxes = reference_boxes.to(deltas.dtype)
     rx, ry, rw, rh = (t[:, None] for t in _centre_size(reference_boxes))

@@ -72,6 +72,23 @@ def _check_input(input: Tensor) -> None:
         raise ValueError(f"input must be a [N, C, H, W] feature map, got {list(input.shape)}")
 
 
+def _prepare(
+    input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int | Sequence[int]
+) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+    """Checked arguments of :func:`roi_align` / :func:`roi_pool`: RoIs ``[K, 5]``, ``(ph, pw)``,
+    and the ``[K, C, ph, pw]`` zero output when there is nothing to sample (else ``None``).
+
+    The zero output stays attached to ``input`` so that ``backward`` still reaches it.
+    """
+    _check_input(input)
+    rois = convert_boxes_to_rois(boxes, input)
+    ph, pw = _pair(output_size)
+    k, c = rois.shape[0], input.shape[1]
+    if k == 0 or input.numel() == 0:
+        return rois, (ph, pw), input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
+    return rois, (ph, pw), None
+
+
 def _channels_last_rows(input: Tensor) -> Tensor:
     """``[N, C, H, W]`` -> ``[N * H * W, C]`` (differentiable)."""
     n, c, h, w = input.shape
@@ -156,6 +173,25 @@ def _axis_samples(
     return torch.stack((low, high), dim=-1), weight, valid
 
 
+def _roi_extent(
+    rois: Tensor, spatial_scale: float, aligned: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scaled RoI corner and size ``(x1, y1, w, h)``, each ``[K]``, on the feature grid.
+
+    The grouping by sampling grid and the sampling itself must see the same sizes, bit for bit.
+    """
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x1
+    roi_h = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        # Legacy behaviour: misaligned RoIs are forced to be at least 1x1.
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    return x1, y1, roi_w, roi_h
+
+
 def _roi_align_group(
     rows: Tensor,
     rois: Tensor,
@@ -170,15 +206,7 @@ def _roi_align_group(
     ph, pw = pooled
     gh, gw = grid
     k = rois.shape[0]
-    offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - offset
-    y1 = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - x1
-    roi_h = rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        # Legacy behaviour: misaligned RoIs are forced to be at least 1x1.
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
+    x1, y1, roi_w, roi_h = _roi_extent(rois, spatial_scale, aligned)
     yi, yw, _ = _axis_samples(y1, roi_h, ph, gh, height)  # [K, ph, gh, 2]
     xi, xw, _ = _axis_samples(x1, roi_w, pw, gw, width)  # [K, pw, gw, 2]
     batch = rois[:, 0].long()
@@ -222,13 +250,11 @@ def roi_align(
     Returns:
         ``Tensor[K, C, ph, pw]``; differentiable with respect to ``input``.
     """
-    _check_input(input)
-    rois = convert_boxes_to_rois(boxes, input)
-    ph, pw = _pair(output_size)
+    rois, (ph, pw), empty = _prepare(input, boxes, output_size)
+    if empty is not None:
+        return empty
     n, c, height, width = input.shape
     k = rois.shape[0]
-    if k == 0 or input.numel() == 0:
-        return input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
     rows = _channels_last_rows(input)
     shape = (n, height, width)
     groups = _align_grids(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
@@ -264,12 +290,7 @@ def _align_grids(
     """Group RoIs by sampling grid ``(gh, gw)``; ``None`` indices mean "all RoIs"."""
     if sampling_ratio > 0:
         return [((sampling_ratio, sampling_ratio), None)]
-    offset = 0.5 if aligned else 0.0
-    roi_w = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
-    roi_h = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
-    if not aligned:
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
+    _, _, roi_w, roi_h = _roi_extent(rois, spatial_scale, aligned)
     gh = torch.ceil(roi_h / pooled[0]).long().clamp(min=0)
     gw = torch.ceil(roi_w / pooled[1]).long().clamp(min=0)
     key = gh * (int(gw.max()) + 1) + gw
@@ -326,13 +347,9 @@ def roi_pool(
     Returns:
         ``Tensor[K, C, ph, pw]``.
     """
-    _check_input(input)
-    rois = convert_boxes_to_rois(boxes, input)
-    ph, pw = _pair(output_size)
-    n, c, height, width = input.shape
-    k = rois.shape[0]
-    if k == 0 or input.numel() == 0:
-        return input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
+    rois, (ph, pw), empty = _prepare(input, boxes, output_size)
+    if empty is not None:
+        return empty
     return _RoIPoolFunction.apply(input, rois, (ph, pw), float(spatial_scale))
 
 

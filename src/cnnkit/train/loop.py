@@ -620,10 +620,13 @@ class Trainer:
         self.log(f"run directory: {self.run_dir}")
         if self.epoch:
             self.log(f"resuming after epoch {self.epoch}")
+        first = self.epoch + 1
         try:
-            for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            for epoch in range(first, cfg.epochs + 1):
                 self._run_epoch(epoch)
-            return self._finish()
+            # Each epoch ends by saving the model files; only a resumed, already finished run
+            # has none from this process.
+            return self._finish(model_saved=self.epoch >= first)
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -694,7 +697,7 @@ class Trainer:
             return
         self.writer = open_tensorboard(self.run_dir)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, model_saved: bool) -> dict[str, Any]:
         from cnnkit.train.checkpoint import atomic_write_text, read_config
         from cnnkit.train.diagnose import diagnose
         from cnnkit.train.report import write_report
@@ -706,7 +709,8 @@ class Trainer:
         records = self.history.records
         metrics = self._metrics(test_loss, test_acc, spread)
         atomic_write_text(self.run_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
-        self.save_model_files()
+        if not model_saved:
+            self.save_model_files()
         config = read_config(self.run_dir)
         diagnosis = diagnose(records, config)
         write_report(self.run_dir, config=config, metrics=metrics, diagnosis=diagnosis)

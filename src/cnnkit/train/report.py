@@ -24,7 +24,6 @@ MAIN_TRAIN_ARGS = (
     "epochs",
     "batch_size",
     "lr",
-    "effective_lr",
     "lr_batch",
     "optimizer",
     "momentum",
