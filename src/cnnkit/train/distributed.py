@@ -66,9 +66,19 @@ def init_from_env(use_cuda: bool) -> DistContext:
     return DistContext(rank, world, local, backend)
 
 
-def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistContext, *, synchronize: bool = True) -> None:
+    """Leave the process group.
+
+    With ``synchronize`` every rank first waits at a barrier: a rank that tears down Gloo while
+    a peer is still writing files aborts the process ("terminate called without an active
+    exception"). After an error the barrier is skipped, since the failed rank's peers may never
+    arrive and torchrun stops them anyway.
+    """
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard_indices(

@@ -738,8 +738,8 @@ class Trainer:
             "replica_max_abs_diff": spread,
         }
 
-    def close(self) -> None:
-        D.shutdown(self.ctx)
+    def close(self, *, failed: bool = False) -> None:
+        D.shutdown(self.ctx, synchronize=not failed)
 
 
 def summary_writer_class():
@@ -765,9 +765,12 @@ def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
     """Build a :class:`Trainer` for ``cfg``, run it, release the process group."""
     trainer = Trainer(cfg, **kwargs)
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        metrics = trainer.fit()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return metrics
 
 
 def resume(run_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
