@@ -17,6 +17,7 @@ What a run does (He et al., 2016; Goyal et al., 2017; the lecture's design-and-t
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -739,6 +740,15 @@ class Trainer:
         }
 
     def close(self, *, failed: bool = False) -> None:
+        """Leave the process group, after releasing the DDP wrapper.
+
+        DDP's reducer holds the process group and Gloo work objects with tensors in them; freed
+        only at interpreter exit, their teardown takes the GIL from a dying interpreter and
+        aborts the process ("terminate called without an active exception").
+        """
+        if self.ctx.enabled:
+            self.net = self.step_net = self.model = self.optimizer = None
+            gc.collect()
         D.shutdown(self.ctx, synchronize=not failed)
 
 
