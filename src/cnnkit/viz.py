@@ -27,23 +27,17 @@ def _save_png(fig, path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _series(records: list[dict], key: str) -> list[float]:
-    out = []
-    for record in records:
-        value = record.get(key)
-        out.append(float(value) if isinstance(value, (int, float)) else float("nan"))
-    return out
-
-
 def plot_curves(records: list[dict], path) -> None:
     """Learning curves of a run: loss (left) and accuracy in % (right), train vs dev, per epoch.
 
     ``records`` are history records (``epoch``, ``train_loss``, ``train_accuracy``,
-    ``dev_loss``, ``dev_accuracy``; accuracies as fractions). Missing or NaN values leave gaps;
+    ``dev_loss``, ``dev_accuracy``; accuracies as fractions). Missing or non-finite values leave gaps;
     a single record draws markers.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from cnnkit.train.history import series
 
     if not records:
         raise ValueError("plot_curves: no records to plot")
@@ -52,7 +46,7 @@ def plot_curves(records: list[dict], path) -> None:
     panels = ((ax_loss, "loss", 1.0, "loss"), (ax_acc, "accuracy", 100.0, "accuracy (%)"))
     for ax, key, scale, label in panels:
         for split, style in (("train", "-o"), ("dev", "-s")):
-            values = [v * scale for v in _series(records, f"{split}_{key}")]
+            values = [v * scale for v in series(records, f"{split}_{key}")]
             if all(v != v for v in values):  # all NaN: the split was not measured
                 continue
             ax.plot(epochs, values, style, label=split, markersize=3 if len(epochs) > 20 else 5)

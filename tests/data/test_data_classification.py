@@ -275,3 +275,16 @@ def test_channel_stats_against_numpy():
     a = x.numpy().astype(np.float64) / 255
     assert np.allclose(mean, a.mean(axis=(0, 2, 3)))
     assert np.allclose(std, a.std(axis=(0, 2, 3), ddof=1))
+
+
+def test_channel_stats_chunked_and_constant_channel(monkeypatch):
+    import cnnkit.data.classification as C
+
+    x = torch.randint(0, 256, (7, 2, 3, 5), dtype=torch.uint8)
+    x[:, 1] = 200  # constant channel: std floored, never 0
+    monkeypatch.setattr(C, "_STATS_CHUNK_ELEMENTS", 2 * 3 * 5 * 2)  # chunks of 2 images
+    mean, std = channel_stats(x)
+    a = x.numpy().astype(np.float64) / 255
+    assert np.allclose(mean, a.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+    assert np.isclose(std[0], a[:, 0].std(ddof=1), rtol=0, atol=1e-12)
+    assert mean[1] == pytest.approx(200 / 255) and std[1] == C._MIN_STD

@@ -86,21 +86,41 @@ def init_conv_net(
 
 
 class ConvNet(nn.Module):
-    """Base class: subclasses build their layers and implement :meth:`forward_stages`.
+    """Base class: a stem, stages in ``stage_names`` order, global average pooling, dropout and
+    one linear classifier.
+
+    Subclasses build their layers and implement :meth:`forward_stem` (or override
+    :meth:`forward_stages` when their stages are not plain consecutive modules).
 
     Attributes set by subclasses:
+        stage_names: attribute names of the stage modules, e.g. ``["layer1", ..., "layer4"]``.
         stage_channels: channels of each stage's output, e.g. ``[64, 128, 256, 512]``.
         stage_strides: total stride of each stage's output w.r.t. the input, e.g. ``[4, 8, 16, 32]``.
         num_features: channels entering the classifier.
+        head_dropout: ``nn.Dropout`` before the classifier, or None.
+        classifier_name: attribute name of the final linear layer (torchvision's: ``"fc"``, or
+            ``"classifier"`` for DenseNet).
     """
 
+    stage_names: list[str]
     stage_channels: list[int]
     stage_strides: list[int]
     num_features: int
+    head_dropout: nn.Module | None
+    classifier_name = "fc"
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """``[N, in_chans, H, W]`` -> the input of the first stage."""
+        raise NotImplementedError
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """``[N, in_chans, H, W]`` -> one ``[N, C_s, H / stride_s, W / stride_s]`` map per stage."""
-        raise NotImplementedError
+        x = self.forward_stem(x)
+        outputs = []
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            outputs.append(x)
+        return outputs
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_chans, H, W]`` -> the last feature map ``[N, num_features, h, w]``.
@@ -110,15 +130,14 @@ class ConvNet(nn.Module):
         return self.forward_stages(x)[-1]
 
     def classifier_layer(self) -> nn.Linear:
-        """The final linear layer (named ``fc`` or ``classifier`` as in torchvision)."""
-        return self.fc if hasattr(self, "fc") else self.classifier
+        """The final linear layer."""
+        return getattr(self, self.classifier_name)
 
     def forward_head(self, features: Tensor) -> Tensor:
         """``[N, C, h, w]`` -> logits ``[N, num_classes]``: global average pool, dropout, linear."""
         pooled = features.mean((2, 3))
-        head_dropout = getattr(self, "head_dropout", None)
-        if head_dropout is not None:
-            pooled = head_dropout(pooled)
+        if self.head_dropout is not None:
+            pooled = self.head_dropout(pooled)
         return self.classifier_layer()(pooled)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -173,6 +173,8 @@ class DenseNet(ConvNet):
         dropout: dropout before the classifier.
     """
 
+    classifier_name = "classifier"  # torchvision's name
+
     def __init__(
         self,
         growth_rate: int = 32,

@@ -209,7 +209,7 @@ class PyramidNet(ConvNet):
         self.conv1 = nn.Conv2d(in_chans, base_channels, 3, padding=1, bias=False)
         self.norm1 = make_norm(norm, base_channels, norm_groups)
         channels = base_channels
-        self.stage_channels, self.stage_strides = [], []
+        self.stage_names, self.stage_channels, self.stage_strides = [], [], []
         for stage in range(3):
             blocks = []
             for i in range(n):
@@ -229,6 +229,7 @@ class PyramidNet(ConvNet):
                 )
                 channels = blocks[-1].out_channels
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+            self.stage_names.append(f"layer{stage + 1}")
             self.stage_channels.append(channels)
             self.stage_strides.append(2**stage)
         self.final_norm = make_norm(norm, channels, norm_groups)
@@ -238,14 +239,9 @@ class PyramidNet(ConvNet):
         # He initialization with fan-out, as the paper's Torch code (std = sqrt(2 / (k*k*C_out))).
         init_conv_net(self, zero_linear_bias=True)
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """``[N, in_chans, H, W]`` -> the output of each of the three stages (before the final BN)."""
-        x = self.norm1(self.conv1(x))
-        stages = []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            stages.append(x)
-        return stages
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """``[N, in_chans, H, W]`` -> ``[N, 16, H, W]``: 3x3 convolution and its norm."""
+        return self.norm1(self.conv1(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_chans, H, W]`` -> ``[N, num_features, H/4, W/4]`` after the final BN-ReLU."""

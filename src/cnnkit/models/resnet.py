@@ -391,14 +391,9 @@ class ResNet(ConvNet):
             self.stage_names.append(name)
             self.stage_channels.append(cin)
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """``[N, in_chans, H, W]`` -> per-stage maps ``[N, stage_channels[s], H/stride_s, W/stride_s]``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        outputs = []
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            outputs.append(x)
-        return outputs
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """``[N, in_chans, H, W]`` -> ``[N, stem channels, H / s, W / s]`` (s = 4 ImageNet, 1 CIFAR)."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
 # --- Registered variants -----------------------------------------------------------------------

@@ -209,14 +209,9 @@ class WideResNet(ConvNet):
         self.fc = nn.Linear(widths[-1], num_classes)
         init_conv_net(self)
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """``[N, in_chans, H, W]`` -> ``[N, 16k, H, W], [N, 32k, H/2, W/2], [N, 64k, H/4, W/4]``."""
-        x = self.conv1(x)
-        outputs = []
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            outputs.append(x)
-        return outputs
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """``[N, in_chans, H, W]`` -> ``[N, 16, H, W]`` (one 3x3 convolution, pre-activation)."""
+        return self.conv1(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_chans, H, W]`` -> ``relu(norm(last stage))``, ``[N, 64k, H/4, W/4]``."""

@@ -36,6 +36,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnkit.train.history import series
+
 # --- thresholds (fractions; accuracies are in [0, 1]) ---------------------------------------
 # The "end of training" is its last quarter: long enough to average epoch-to-epoch noise,
 # short enough to reflect the state the run finished in.
@@ -118,15 +120,6 @@ def _bullet(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- curve arithmetic
-
-
-def _column(records: list[dict], key: str) -> list[float]:
-    out = []
-    for r in records:
-        v = r.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        out.append(float(v) if ok and math.isfinite(v) else math.nan)
-    return out
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -380,10 +373,10 @@ def diagnose(records: list[dict], config: dict | None = None) -> Diagnosis:
     c = _Curves(
         epochs,
         window,
-        _column(records, "train_loss"),
-        _column(records, "train_accuracy"),
-        _column(records, "dev_loss"),
-        _column(records, "dev_accuracy"),
+        series(records, "train_loss"),
+        series(records, "train_accuracy"),
+        series(records, "dev_loss"),
+        series(records, "dev_accuracy"),
     )
     train = _train_args(config)
     notes = _data_notes(records, c)

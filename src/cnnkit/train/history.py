@@ -57,6 +57,17 @@ def _check_record(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def series(records: list[dict[str, Any]], key: str) -> list[float]:
+    """``records[i][key]`` as floats, NaN where a record lacks it or holds a non-finite or
+    non-numeric value (plots leave a gap there; the diagnosis skips it)."""
+    out = []
+    for record in records:
+        value = record.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        out.append(float(value) if number and math.isfinite(value) else math.nan)
+    return out
+
+
 class History:
     """The records of a run directory, mirrored to its history files.
 
@@ -152,12 +163,8 @@ class History:
         self._rewrite_csv()
 
     def column(self, key: str) -> list[float]:
-        """The values of ``key`` over epochs (NaN where a record lacks it)."""
-        out = []
-        for record in self.records:
-            value = record.get(key)
-            out.append(float(value) if isinstance(value, (int, float)) else math.nan)
-        return out
+        """The values of ``key`` over epochs (see :func:`series`)."""
+        return series(self.records, key)
 
     def _rewrite_jsonl(self) -> None:
         atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.records))
