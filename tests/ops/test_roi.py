@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import cnnkit.ops.roi as roi_module
 from cnnkit.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, roi_align, roi_pool
 from cnnkit.ops.roi import fpn_levels
 
@@ -255,3 +256,49 @@ def test_multiscale_single_level_and_missing_key():
 def test_bad_input_errors_name_the_argument(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+def _check_pool_against_reference(x, rois, size, scale):
+    """Values and input gradient of roi_pool equal (bit for bit) the loop references."""
+    x = x.detach().requires_grad_()
+    got = roi_pool(x, rois, size, scale)
+    assert torch.equal(got, ref_roi_pool(x.detach(), rois, *size, scale).to(x.dtype))
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    got.backward(grad)
+    assert torch.equal(x.grad, ref_roi_pool_grad(x.detach(), rois, *size, scale, grad))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (3, 4)])
+def test_roi_pool_float32_ties_and_large_windows(size):
+    # float32 takes the bit-pattern key path (float64 ranks its values); (1, 1) and (2, 3) bins
+    # span up to 11 x 13 cells: several window maps and two look-ups per axis.
+    x, rois = random_case(seed=7, c=4, h=11, w=13, k=16, scale=1.0, dtype=torch.float32)
+    _check_pool_against_reference(torch.round(x * 1.5), rois, size, 1.0)
+
+
+def test_roi_pool_negative_zero_ties_with_zero():
+    # -0.0 == +0.0: the first of them in row-major order gets the gradient.
+    x = torch.tensor([[[[-0.0, 0.0], [0.0, -1.0]]]], requires_grad=True)
+    roi_pool(x, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]]), 1, 1.0).sum().backward()
+    assert x.grad.tolist() == [[[[1.0, 0.0], [0.0, 0.0]]]]
+
+
+def test_roi_pool_row_keys_when_element_indices_overflow_int32(monkeypatch):
+    # Feature maps of 2**31 elements or more key by row; forced here on a small map.
+    monkeypatch.setattr(roi_module, "_INT32_INDEX_LIMIT", 0)
+    x, rois = random_case(seed=8, c=3, k=10, scale=0.5, dtype=torch.float32)
+    _check_pool_against_reference(torch.round(x * 1.5), rois, (3, 2), 0.5)
+
+
+def test_roi_pool_bfloat16_equals_float32():
+    x, rois = random_case(seed=9, c=3, k=10, scale=0.5, dtype=torch.float32)
+    x = x.bfloat16()
+    got = roi_pool(x, rois.float(), (2, 2), 0.5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, roi_pool(x.float(), rois.float(), (2, 2), 0.5).bfloat16())
+
+
+def test_window_ladder_doubles_at_most():
+    assert roi_module._ladder([1]) == [1]
+    assert roi_module._ladder([2, 8, 4]) == [1, 2, 4, 8]
+    assert roi_module._ladder([3, 13]) == [1, 2, 3, 6, 12, 13]

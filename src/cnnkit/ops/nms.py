@@ -32,6 +32,10 @@ that the loop is short). The blocks are rebuilt from the live boxes once half ar
 The IoU is computed with the same float operations as torchvision's kernel
 (``inter / (area_i + area_j - inter)``, compared with ``> threshold``), so the keep lists match
 it exactly. Ties in score keep the input order (stable sort).
+
+Bulk float work (the IoU of many pairs) is done in torch; the comparison with the threshold, the
+extraction of the hits and the many small index operations (block layout, adjacency, edge
+bookkeeping, greedy resolution) in numpy, whose per-call overhead is a fraction of torch's.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ from cnnkit.ops.boxes import check_boxes
 __all__ = ["batched_nms", "nms"]
 
 # Boxes per spatial block, by number of boxes: (most boxes, block size). Measured on CPU, one
-# thread: 16 is best at 1,000 boxes, 32 from 2,000 to 5,000, 64 from 10,000 (fewer, larger
-# blocks: the [B, B] block adjacency and the per-block-pair overhead grow as B^2).
-_BLOCK_SIZES = ((1024, 16), (8192, 32))
+# thread: 32 is best up to ~4,000 boxes, 64 above (fewer, larger blocks: the [B, B] block
+# adjacency and the per-block-pair overhead grow as B^2).
+_BLOCK_SIZES = ((4096, 32),)
 _BLOCK = 64
 # Box pairs compared per chunk (the chunk size adapts to it): long enough vectors to amortize
 # the per-chunk overhead, short enough that few candidates die inside their own chunk.
@@ -64,6 +68,9 @@ _DENSE_MAX_BOXES = 320
 _OFF_DIAG_WEIGHT = 0.25
 # Fewest candidates per chunk.
 _MIN_CHUNK = 32
+# Diagonal blocks compared first, spread over the layout: enough to tell a dense input.
+_PROBE_BLOCKS = 16
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def _check(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -93,17 +100,29 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
     return float(t)
 
 
-def _major_minor_key(major: Tensor, minor: Tensor) -> Tensor:
+def _flat_over(values: Tensor, threshold: float) -> Tensor:
+    """int64 ``[K]``: flat indices of the entries of ``values`` greater than ``threshold``.
+
+    On CPU numpy's comparison and flatnonzero are several times faster than torch's (one
+    thread); the comparison is the same (a Python float is compared in the array's dtype, and
+    ``threshold`` is exact in it, see :func:`_threshold_for`).
+    """
+    if values.device.type == "cpu" and values.dtype in _NUMPY_FLOATS:
+        return torch.from_numpy(np.flatnonzero(values.numpy() > threshold))
+    return torch.nonzero(values.reshape(-1) > threshold).squeeze(1)
+
+
+def _major_minor_key(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
     """``[N]`` float64 sort key: by ``major`` (integers), then by ``minor`` (coordinates).
 
     One sort instead of two stable ones. The order by ``major`` is exact (``minor`` is squeezed
     into [0, 0.5], NaN and inf included), which the blocks need (one group, one strip each); the
     order by ``minor`` may round to ties, which only changes the layout, never the result.
     """
-    m = minor.double()
-    lo, hi = m.amin(), m.amax()
-    frac = ((m - lo) / (2 * (hi - lo) + 1)).nan_to_num(0.0).clamp(0.0, 0.5)
-    return major.double() + frac
+    m = minor.astype(np.float64)
+    lo, hi = m.min(), m.max()
+    frac = np.clip(np.nan_to_num((m - lo) / (2 * (hi - lo) + 1), nan=0.0), 0.0, 0.5)
+    return major + frac
 
 
 def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> Tensor:
@@ -112,37 +131,36 @@ def _spatial_blocks(boxes: Tensor, block: int, groups: Tensor | None = None) -> 
 
     Within each group (category; one group if ``groups`` is None): strips of equal count along
     x, each ordered along y and cut into runs of ``block`` boxes (a two-level k-d split that
-    adapts to any density). A block never mixes groups or strips.
+    adapts to any density). A block never mixes groups or strips. In numpy: a few dozen
+    operations on [N] arrays, where torch's per-call overhead would dominate.
     """
-    n, device = boxes.shape[0], boxes.device
-    cx = boxes[:, 0] + boxes[:, 2]
-    cy = boxes[:, 1] + boxes[:, 3]
+    b = boxes.cpu().numpy()
+    n = b.shape[0]
+    cx, cy = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
     if groups is None:
-        group = torch.zeros(n, dtype=torch.long, device=device)
-        sizes = torch.tensor([n], device=device)
+        group, sizes = np.zeros(n, dtype=np.int64), np.array([n])
     else:
-        group = torch.unique(groups, return_inverse=True)[1]
-        sizes = torch.bincount(group)
-    group_first = torch.cumsum(sizes, 0) - sizes
-    num_strips = torch.sqrt(sizes / block).round().clamp(min=1).long()
-    strip_size = block * torch.ceil(torch.ceil(sizes / num_strips) / block).long()
-    strip_first = torch.cumsum(num_strips, 0) - num_strips
+        group = np.unique(groups.cpu().numpy(), return_inverse=True)[1].reshape(-1)
+        sizes = np.bincount(group)
+    group_first = np.cumsum(sizes) - sizes
+    num_strips = np.maximum(np.round(np.sqrt(sizes / block)), 1).astype(np.int64)
+    strip_size = block * np.ceil(np.ceil(sizes / num_strips) / block).astype(np.int64)
+    strip_first = np.cumsum(num_strips) - num_strips
     # Rank along x within the group -> strip id (global over groups).
-    by_gx = torch.argsort(_major_minor_key(group, cx))
+    by_gx = np.argsort(_major_minor_key(group, cx))
     g = group[by_gx]
-    rank = torch.arange(n, device=device) - group_first[g]
-    strip = torch.empty_like(by_gx)
-    strip[by_gx] = strip_first[g] + rank // strip_size[g]
-    order = torch.argsort(_major_minor_key(strip, cy))
+    strip = np.empty(n, dtype=np.int64)
+    strip[by_gx] = strip_first[g] + (np.arange(n) - group_first[g]) // strip_size[g]
+    order = np.argsort(_major_minor_key(strip, cy))
     # Pad each strip to a whole number of blocks so that no block spans two strips.
-    counts = torch.bincount(strip, minlength=int(num_strips.sum()))
+    counts = np.bincount(strip, minlength=int(num_strips.sum()))
     padded_counts = (counts + block - 1) // block * block
-    starts = torch.cumsum(padded_counts, 0) - padded_counts
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=device) - first[strip[order]] + starts[strip[order]]
-    slots = torch.full((int(padded_counts.sum()),), -1, dtype=torch.long, device=device)
-    slots[pos] = order
-    return slots.view(-1, block)
+    starts = np.cumsum(padded_counts) - padded_counts
+    first = np.cumsum(counts) - counts
+    in_strip = strip[order]
+    slots = np.full(int(padded_counts.sum()), -1, dtype=np.int64)
+    slots[np.arange(n) - first[in_strip] + starts[in_strip]] = order
+    return torch.from_numpy(slots.reshape(-1, block)).to(boxes.device)
 
 
 def _block_adjacency(
@@ -151,29 +169,30 @@ def _block_adjacency(
     """``[B, B]`` bool, symmetric: the block pairs that may hold two boxes with IoU > threshold
     (and, with ``labels``, of one category; blocks then hold a single category).
 
-    ``boxes``: ``[N, 4]``; ``slots``: ``[B, block]`` rows of ``boxes``, -1 padded.
+    ``boxes``: ``[N, 4]``; ``slots``: ``[B, block]`` rows of ``boxes``, -1 padded. In numpy, as
+    :func:`_spatial_blocks`.
     """
-    num = slots.shape[0]
-    adj = torch.ones((num, num), dtype=torch.bool, device=boxes.device)
+    s = slots.cpu().numpy()
+    adj = np.ones((s.shape[0], s.shape[0]), dtype=bool)
     if prune:
-        valid = slots >= 0
-        b64 = boxes[slots.clamp(min=0)].double()  # float64: the test itself must not round
-        c2 = torch.stack((b64[..., 0] + b64[..., 2], b64[..., 1] + b64[..., 3]), -1)
-        size = torch.stack((b64[..., 2] - b64[..., 0], b64[..., 3] - b64[..., 1]), -1)
-        lo = torch.where(valid[..., None], c2, math.inf).amin(1)  # [B, 2] (2x centre)
-        hi = torch.where(valid[..., None], c2, -math.inf).amax(1)
-        big = torch.where(valid[..., None], size, 0.0).amax(1)
-        gap = torch.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]).clamp(min=0)
+        valid = (s >= 0)[..., None]
+        b64 = boxes.cpu().numpy().astype(np.float64)[np.maximum(s, 0)]  # the test must not round
+        c2 = np.stack((b64[..., 0] + b64[..., 2], b64[..., 1] + b64[..., 3]), -1)
+        size = np.stack((b64[..., 2] - b64[..., 0], b64[..., 3] - b64[..., 1]), -1)
+        lo = np.where(valid, c2, np.inf).min(1)  # [B, 2] (2x centre)
+        hi = np.where(valid, c2, -np.inf).max(1)
+        big = np.where(valid, size, 0.0).max(1)
+        gap = np.maximum(np.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]), 0.0)
         # IoU > t needs |2 cx_i - 2 cx_j| < 2 (1 - t) max(w_i, w_j) (same along y); the margins
         # absorb the float rounding of the IoU and of the centres.
-        mag = torch.maximum(hi.abs(), lo.abs())
-        scale = 1 + torch.maximum(mag[:, None], mag[None])
-        slack = 2 * (1.0 - threshold + 1e-4) * torch.maximum(big[:, None], big[None]) + 1e-4 * scale
+        mag = np.maximum(np.abs(hi), np.abs(lo))
+        scale = 1 + np.maximum(mag[:, None], mag[None])
+        slack = 2 * (1.0 - threshold + 1e-4) * np.maximum(big[:, None], big[None]) + 1e-4 * scale
         adj = (gap <= slack).all(-1)
     if labels is not None:
-        block_label = labels[slots.amax(1)]  # every block holds at least one box
+        block_label = labels.cpu().numpy()[s.max(1)]  # every block holds at least one box
         adj &= block_label[:, None] == block_label[None, :]
-    return adj
+    return torch.from_numpy(adj).to(boxes.device)
 
 
 class _Blocks:
@@ -213,27 +232,36 @@ class _Blocks:
         self.size = live.numel()
 
 
+class _Scratch:
+    """Three work buffers reused across calls, grown on demand: on CPU, fresh multi-MB tensors
+    cost more in page faults than the arithmetic itself."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.bufs = [like.new_empty(0)] * 3
+
+    def views(self, shape: tuple[int, ...]) -> list[Tensor]:
+        size = math.prod(shape)
+        if self.bufs[0].numel() < size:
+            self.bufs = [self.like.new_empty(size) for _ in range(3)]
+        return [b[:size].view(shape) for b in self.bufs]
+
+
 class _PairIoU:
-    """``IoU > threshold`` for batches of block pairs, with torchvision's float operations.
+    """``IoU > threshold`` for batches of block pairs, with torchvision's float operations; the
+    ``[P, block, block]`` intermediates live in a :class:`_Scratch`."""
 
-    All ``[P, block, block]`` intermediates live in buffers allocated once: on CPU, fresh
-    multi-MB tensors cost more in page faults than the arithmetic itself.
-    """
-
-    def __init__(self, blocks: Tensor, threshold: float, budget: int) -> None:
+    def __init__(self, blocks: Tensor, threshold: float) -> None:
         self.x1, self.y1, self.x2, self.y2 = (blocks[..., i].contiguous() for i in range(4))
         self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
         self.threshold = threshold
-        self.t1 = blocks.new_empty(budget)
-        self.t2 = blocks.new_empty(budget)
-        self.t3 = blocks.new_empty(budget)
-        self.mask = torch.empty(budget, dtype=torch.bool, device=blocks.device)
+        self.scratch = _Scratch(blocks)
 
     def __call__(self, ia: Tensor, ib: Tensor) -> Tensor:
-        """``[P, block, block]`` bool for the boxes of blocks ``ia`` against those of ``ib``."""
+        """Flat indices into ``[P, block, block]`` of the pairs (box of block ``ia[p]``, box of
+        block ``ib[p]``) with IoU > threshold."""
         p, block = ia.numel(), self.x1.shape[1]
-        shape = (p, block, block)
-        t1, t2, t3 = (t[: p * block * block].view(shape) for t in (self.t1, self.t2, self.t3))
+        t1, t2, t3 = self.scratch.views((p, block, block))
 
         def rows(t: Tensor) -> Tensor:
             return t[ia][:, :, None]
@@ -249,8 +277,7 @@ class _PairIoU:
         t2.sub_(t3).clamp_(min=0)
         inter = t1.mul_(t2)
         union = torch.add(rows(self.area), cols(self.area), out=t2).sub_(inter)
-        mask = self.mask[: p * block * block].view(shape)
-        return torch.gt(inter.div_(union), self.threshold, out=mask)
+        return _flat_over(inter.div_(union), self.threshold)
 
 
 def _weighted_pairs(count: int, num_diag: int) -> float:
@@ -278,61 +305,61 @@ def _all_edges(
     # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
     padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
     blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
-    # Diagonal pairs first (they need the i < j mask), then the upper triangle.
-    diag = torch.arange(slots.shape[0], device=device)
+    # Diagonal pairs first (they need the i < j mask), then the upper triangle. The diagonal
+    # blocks go in strided order: the first _PROBE_BLOCKS of them sample the whole layout.
+    num_diag = slots.shape[0]
+    probe = min(num_diag, _PROBE_BLOCKS)
+    diag = torch.argsort(torch.arange(num_diag, device=device) % -(-num_diag // probe), stable=True)
     ba, bb = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
     ba, bb = torch.cat((diag, ba)), torch.cat((diag, bb))
-    num_diag = slots.shape[0]
-    iou = _PairIoU(blocks, threshold, min(_PAIR_BUDGET, ba.numel() * block * block))
-    upper = torch.triu(torch.ones(block, block, dtype=torch.bool, device=device), diagonal=1)
+    iou = _PairIoU(blocks, threshold)
     step = max(1, _PAIR_BUDGET // (block * block))
     total = ba.numel()
-    # With more than one chunk, the diagonal chunks end at num_diag, so that the density estimate
-    # below is made from the diagonal blocks alone, before any off-diagonal pair is compared.
-    starts = [*range(0, num_diag, step), *range(num_diag, total, step)]
+    # With more than one chunk, the density estimate below is made from the probe, then from
+    # the diagonal blocks alone, before any off-diagonal pair is compared.
+    starts = [0, *range(probe, num_diag, step), *range(num_diag, total, step)]
     if total <= step:
         starts = [0]
     ends = [*starts[1:], total]
+    # The hits are few: their bookkeeping is done in numpy (torch's per-call overhead dominates).
+    np_slots, np_ba, np_bb = slots.cpu().numpy(), ba.cpu().numpy(), bb.cpu().numpy()
+    np_labels = None if labels is None else labels.cpu().numpy()
     src, dst, found = [], [], 0
     for s, e in zip(starts, ends, strict=True):
-        ia, ib = ba[s:e], bb[s:e]
-        over = iou(ia, ib)
-        if s < num_diag:
-            # Within a block each pair is seen twice (and each box with itself): keep i < j.
-            over[: num_diag - s] &= upper
-        p, i, j = torch.nonzero(over, as_tuple=True)
-        r1, r2 = slots[ia[p], i], slots[ib[p], j]
-        if labels is not None:
-            same = labels[r1] == labels[r2]
+        flat = iou(ba[s:e], bb[s:e]).cpu().numpy()
+        p, i, j = flat // (block * block) + s, flat // block % block, flat % block
+        ia, ib = np_ba[p], np_bb[p]
+        # Within a block each pair is seen twice (and each box with itself): keep i < j.
+        wanted = (ia != ib) | (i < j)
+        r1, r2 = np_slots[ia[wanted], i[wanted]], np_slots[ib[wanted], j[wanted]]
+        if np_labels is not None:
+            same = np_labels[r1] == np_labels[r2]
             r1, r2 = r1[same], r2[same]
-        src.append(torch.minimum(r1, r2))
-        dst.append(torch.maximum(r1, r2))
-        found += r1.numel()
+        src.append(np.minimum(r1, r2))
+        dst.append(np.maximum(r1, r2))
+        found += r1.size
         # Projected from the block pairs done so far: bail out early, before most of the work.
         if found * _weighted_pairs(total, num_diag) > limit * _weighted_pairs(e, num_diag):
             return None
-    if not src:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return empty, empty
-    return torch.cat(src), torch.cat(dst)
+    return tuple(
+        torch.from_numpy(np.concatenate(x).astype(np.int64)).to(device) for x in (src, dst)
+    )
 
 
 class _RowIoU:
     """``IoU > threshold`` of single boxes against whole blocks, with torchvision's float
     operations; buffers as in :class:`_PairIoU`."""
 
-    def __init__(self, boxes: Tensor, threshold: float, budget: int) -> None:
+    def __init__(self, boxes: Tensor, threshold: float) -> None:
         self.boxes = boxes
         self.area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         self.threshold = threshold
-        self.bufs = [boxes.new_empty(budget) for _ in range(3)]
-        self.mask = torch.empty(budget, dtype=torch.bool, device=boxes.device)
+        self.scratch = _Scratch(boxes)
 
     def __call__(self, blocks: _Blocks, src: Tensor, tb: Tensor) -> Tensor:
-        """``[P, block]`` bool: box ``src[p]`` (rank) against the boxes of block ``tb[p]``."""
-        shape = (src.numel(), blocks.x1.shape[1])
-        size = shape[0] * shape[1]
-        t1, t2, t3 = (b[:size].view(shape) for b in self.bufs)
+        """Flat indices into ``[P, block]`` of the pairs (box ``src[p]`` (rank), box of block
+        ``tb[p]``) with IoU > threshold."""
+        t1, t2, t3 = self.scratch.views((src.numel(), blocks.x1.shape[1]))
         row = self.boxes[src]  # [P, 4]
         x1, y1, x2, y2 = (row[:, i : i + 1] for i in range(4))
 
@@ -347,8 +374,7 @@ class _RowIoU:
         t2.sub_(t3).clamp_(min=0)
         inter = t1.mul_(t2)
         union = cols(blocks.area, t2).add_(self.area[src][:, None]).sub_(inter)
-        mask = self.mask[:size].view(shape)
-        return torch.gt(inter.div_(union), self.threshold, out=mask)
+        return _flat_over(inter.div_(union), self.threshold)
 
 
 def _edges_from(
@@ -358,17 +384,18 @@ def _edges_from(
     ranked after them, and the number of box pairs compared."""
     ci, tb = torch.nonzero(blocks.adj[blocks.block_of[cand]], as_tuple=True)
     src_all = cand[ci]  # [P] one row per (candidate, neighbouring block)
+    block = blocks.slots.shape[1]
     src, dst = [], []
     for s in range(0, src_all.numel(), step):
         rs, rb = src_all[s : s + step], tb[s : s + step]
-        over = iou(blocks, rs, rb)
-        slot = blocks.slots[rb]
+        flat = iou(blocks, rs, rb)
+        p = flat // block
+        s_, d_ = rs[p], blocks.slots[rb[p], flat % block]
         # Only boxes ranked after the candidate: the earlier ones are decided already.
-        over &= slot > rs[:, None]
-        p, j = torch.nonzero(over, as_tuple=True)
-        src.append(rs[p])
-        dst.append(slot[p, j])
-    pairs = src_all.numel() * blocks.slots.shape[1]
+        after = d_ > s_
+        src.append(s_[after])
+        dst.append(d_[after])
+    pairs = src_all.numel() * block
     if not src:
         empty = cand.new_empty(0)
         return empty, empty, pairs
@@ -387,32 +414,36 @@ def _dense_edges(boxes: Tensor, threshold: float, labels: Tensor | None) -> tupl
     h = (torch.minimum(y2[:, None], y2) - torch.maximum(y1[:, None], y1)).clamp_(min=0)
     inter = w.mul_(h)
     union = (area[:, None] + area).sub_(inter)
-    src, dst = torch.nonzero(inter.div_(union) > threshold, as_tuple=True)
+    flat = _flat_over(inter.div_(union), threshold)
+    src, dst = flat // boxes.shape[0], flat % boxes.shape[0]
     upper = src < dst  # each pair once; a box never suppresses itself
     if labels is not None:
         upper &= labels[src] == labels[dst]
     return src[upper], dst[upper]
 
 
-def _resolve_greedy(n: int, src: Tensor, dst: Tensor, device: torch.device) -> Tensor:
+def _resolve_greedy(n: int, src: Tensor, dst: Tensor) -> Tensor:
     """``[N]`` bool, the boxes suppressed by the unique ``keep`` with
     ``keep[j] = not any(keep[i] for edges i -> j)`` (edges ``i < j``).
 
     Rounds of: suppress the successors of kept boxes; drop the edges that can no longer matter
     (from a suppressed box, or into a decided one); keep the boxes left with no incoming edge.
     The lowest undecided box is decided in every round, and the edge list shrinks fast (in a
-    dense cluster the first kept box settles most of its neighbours at once).
+    dense cluster the first kept box settles most of its neighbours at once). In numpy: many
+    small index operations, where torch's per-call overhead would dominate.
     """
-    kept = torch.zeros(n, dtype=torch.bool, device=device)
-    suppressed = torch.zeros(n, dtype=torch.bool, device=device)
-    while src.numel():
+    device = src.device
+    src, dst = src.cpu().numpy(), dst.cpu().numpy()
+    kept = np.zeros(n, dtype=bool)
+    suppressed = np.zeros(n, dtype=bool)
+    while src.size:
         suppressed[dst[kept[src]]] = True
         live = ~(suppressed[src] | suppressed[dst] | kept[dst])
         src, dst = src[live], dst[live]
-        has_pred = torch.zeros(n, dtype=torch.bool, device=device)
+        has_pred = np.zeros(n, dtype=bool)
         has_pred[dst] = True
         kept |= ~(has_pred | suppressed)
-    return suppressed
+    return torch.from_numpy(suppressed).to(device)
 
 
 def _greedy_chunked(
@@ -426,11 +457,11 @@ def _greedy_chunked(
     """Kept ranks, ascending, of the greedy scan over ``boxes`` ``[N, 4]`` sorted by score,
     chunk by chunk (module docstring, "dense inputs")."""
     n, device = boxes.shape[0], boxes.device
-    block = _block_size(n)
+    block = layout[0].shape[1]
     block_labels = labels if group_blocks else None
     live = torch.arange(n, device=device)
     blocks = _Blocks(boxes, live, threshold, prune, block_labels, block, layout)
-    iou = _RowIoU(boxes, threshold, min(_PAIR_BUDGET, n * block * blocks.adj.shape[0]))
+    iou = _RowIoU(boxes, threshold)
     step = max(1, _PAIR_BUDGET // block)
     dead = torch.zeros(n, dtype=torch.bool, device=device)
     kept = []
@@ -445,7 +476,7 @@ def _greedy_chunked(
             same = labels[src] == labels[dst]
             src, dst = src[same], dst[same]
         inside = dst <= cand[-1]
-        suppressed = _resolve_greedy(n, src[inside], dst[inside], device)
+        suppressed = _resolve_greedy(n, src[inside], dst[inside])
         kept.append(cand[~suppressed[cand]])
         # Edges of the kept candidates suppress later boxes for good.
         dead[dst[~inside & ~suppressed[src]]] = True
@@ -476,7 +507,7 @@ def _nms(
         prune = bool(((b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])).all())
     lab = None if labels is None else labels[order]
     if n <= _DENSE_MAX_BOXES:
-        return order[~_resolve_greedy(n, *_dense_edges(b, threshold, lab), boxes.device)]
+        return order[~_resolve_greedy(n, *_dense_edges(b, threshold, lab))]
     # [B, block] ranks, -1 padded (with group_blocks, single-category blocks), and the block
     # pairs to compare: shared by both paths.
     block_labels = lab if group_blocks else None
@@ -485,7 +516,7 @@ def _nms(
     edges = _all_edges(b, threshold, lab, slots, adj, _DENSE_EDGES * n)
     if edges is None:  # dense: most boxes are suppressed, skip them
         return order[_greedy_chunked(b, threshold, prune, lab, group_blocks, (slots, adj))]
-    return order[~_resolve_greedy(n, *edges, boxes.device)]
+    return order[~_resolve_greedy(n, *edges)]
 
 
 def _block_size(n: int) -> int:
