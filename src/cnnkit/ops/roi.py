@@ -338,7 +338,11 @@ def roi_pool(
     The scaled RoI corners are rounded to the feature grid; the ``(h + 1) x (w + 1)`` cell window
     is split into ``output_size`` bins with ``floor`` / ``ceil`` limits; each bin takes the max
     over its cells (an empty bin gives 0). The gradient flows to the arg-max (the first maximum
-    in row-major order).
+    in row-major order). A NaN in a window wins its max (torchvision's kernel skips NaNs).
+
+    Memory: the forward holds a channels-last copy of ``input`` and about four int64 maps of its
+    size (~9x the input's float32 bytes) while it runs: fine for the stride-16 maps of Fast
+    R-CNN, large for a high-resolution FPN level (use :func:`roi_align` there, as Mask R-CNN).
 
     Args:
         input: ``Tensor[N, C, H, W]``.
