@@ -3,13 +3,14 @@
 Greedy NMS (as in R-CNN and torchvision): visit boxes by decreasing score; keep a box unless an
 already kept box overlaps it with IoU > threshold.
 
-Few boxes (up to ``_DENSE_MAX_BOXES``): the suppression edges come from the full IoU matrix and
-are resolved as in 3. Sparse inputs (the usual case): all suppression edges (pairs with IoU > threshold, compared
-block pair by block pair, see 2.) are found at once and resolved as in 3. Dense inputs (more
-than ``_DENSE_EDGES`` edges per box expected, e.g. tight clusters at IoU 0.5; the estimate is
-made from the pairs inside each block, compared first, so little search is wasted), where most
-edges join boxes that are suppressed anyway: the sequential scan becomes a loop over *chunks*
-of boxes in score order, each chunk handled with data-parallel steps:
+Few boxes (up to ``_DENSE_MAX_BOXES``): the suppression edges come from the full IoU matrix
+and are resolved as in 3. Sparse inputs (the usual case): all suppression edges (pairs with
+IoU > threshold, compared block pair by block pair, see 2.) are found at once and resolved as
+in 3. Dense inputs (more than ``_DENSE_EDGES`` edges per box expected, e.g. tight clusters at
+IoU 0.5; the estimate is made first from a strided sample of the blocks' own pairs, then from
+all of them, so little search is wasted), where most edges join boxes that are suppressed
+anyway: the sequential scan becomes a loop over *chunks* of boxes in score order, each chunk
+handled with data-parallel steps:
 
 1. **Candidates.** The next boxes by score that no kept box has suppressed yet. Suppressed
    boxes are dropped for good (compaction), so a dense cluster costs little once its first
@@ -173,15 +174,15 @@ def _block_adjacency(
     :func:`_spatial_blocks`.
     """
     s = slots.cpu().numpy()
+    first = s[:, 0]  # a block's first slot always holds a box; padding comes after
     adj = np.ones((s.shape[0], s.shape[0]), dtype=bool)
     if prune:
-        valid = (s >= 0)[..., None]
-        b64 = boxes.cpu().numpy().astype(np.float64)[np.maximum(s, 0)]  # the test must not round
+        filled = np.where(s >= 0, s, first[:, None])  # padding repeats it: no masks below
+        b64 = boxes.cpu().numpy().astype(np.float64)[filled]  # the test itself must not round
         c2 = np.stack((b64[..., 0] + b64[..., 2], b64[..., 1] + b64[..., 3]), -1)
         size = np.stack((b64[..., 2] - b64[..., 0], b64[..., 3] - b64[..., 1]), -1)
-        lo = np.where(valid, c2, np.inf).min(1)  # [B, 2] (2x centre)
-        hi = np.where(valid, c2, -np.inf).max(1)
-        big = np.where(valid, size, 0.0).max(1)
+        lo, hi = c2.min(1), c2.max(1)  # [B, 2] (2x centre)
+        big = size.max(1)
         gap = np.maximum(np.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]), 0.0)
         # IoU > t needs |2 cx_i - 2 cx_j| < 2 (1 - t) max(w_i, w_j) (same along y); the margins
         # absorb the float rounding of the IoU and of the centres.
@@ -190,7 +191,7 @@ def _block_adjacency(
         slack = 2 * (1.0 - threshold + 1e-4) * np.maximum(big[:, None], big[None]) + 1e-4 * scale
         adj = (gap <= slack).all(-1)
     if labels is not None:
-        block_label = labels.cpu().numpy()[s.max(1)]  # every block holds at least one box
+        block_label = labels.cpu().numpy()[first]
         adj &= block_label[:, None] == block_label[None, :]
     return torch.from_numpy(adj).to(boxes.device)
 
