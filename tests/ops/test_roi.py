@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
-import cnnkit.ops.roi as roi_module
 from cnnkit.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, roi_align, roi_pool
 from cnnkit.ops.roi import fpn_levels
+
+# `cnnkit.ops.roi_pool` is the function; the module's internals are reached by name.
+roi_pool_module = importlib.import_module("cnnkit.ops.roi_pool")
 
 
 def bilinear(f: torch.Tensor, y: float, x: float) -> torch.Tensor:
@@ -285,7 +288,7 @@ def test_roi_pool_negative_zero_ties_with_zero():
 
 def test_roi_pool_row_keys_when_element_indices_overflow_int32(monkeypatch):
     # Feature maps of 2**31 elements or more key by row; forced here on a small map.
-    monkeypatch.setattr(roi_module, "_INT32_INDEX_LIMIT", 0)
+    monkeypatch.setattr(roi_pool_module, "_INT32_INDEX_LIMIT", 0)
     x, rois = random_case(seed=8, c=3, k=10, scale=0.5, dtype=torch.float32)
     _check_pool_against_reference(torch.round(x * 1.5), rois, (3, 2), 0.5)
 
@@ -299,6 +302,6 @@ def test_roi_pool_bfloat16_equals_float32():
 
 
 def test_window_ladder_doubles_at_most():
-    assert roi_module._ladder([1]) == [1]
-    assert roi_module._ladder([2, 8, 4]) == [1, 2, 4, 8]
-    assert roi_module._ladder([3, 13]) == [1, 2, 3, 6, 12, 13]
+    assert roi_pool_module._ladder([1]) == [1]
+    assert roi_pool_module._ladder([2, 8, 4]) == [1, 2, 4, 8]
+    assert roi_pool_module._ladder([3, 13]) == [1, 2, 3, 6, 12, 13]

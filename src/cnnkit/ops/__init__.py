@@ -12,7 +12,8 @@ from cnnkit.ops.boxes import (
     smooth_l1_loss,
 )
 from cnnkit.ops.nms import batched_nms, nms
-from cnnkit.ops.roi import MultiScaleRoIAlign, RoIAlign, RoIPool, roi_align, roi_pool
+from cnnkit.ops.roi import MultiScaleRoIAlign, RoIAlign, roi_align
+from cnnkit.ops.roi_pool import RoIPool, roi_pool
 
 __all__ = [
     "MultiScaleRoIAlign",
