@@ -246,3 +246,13 @@ def test_voc_bad_input(tmp_path):
         load_voc_annotations(tmp_path)
     with pytest.raises(ValueError, match="no VOC annotation"):
         load_voc_annotations(tmp_path / "missing")
+
+
+def test_ragged_ranges_against_a_loop():
+    from cnnkit.evaluation.coco import ragged_ranges
+
+    counts = np.array([3, 0, 2, 1, 0, 4])
+    owner, local, offset = ragged_ranges(counts)
+    pairs = [(i, j) for i, c in enumerate(counts) for j in range(c)]
+    assert list(zip(owner.tolist(), local.tolist(), strict=True)) == pairs
+    assert offset.tolist() == [0, 3, 3, 5, 6, 6]

@@ -184,12 +184,20 @@ def _group(
     )
 
 
+def ragged_ranges(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``range(counts[i])`` for every ``i``, concatenated without a Python loop.
+
+    Returns ``owner`` and ``local`` ``[sum(counts)]`` (element ``j`` is ``local[j]`` of range
+    ``owner[j]``) and ``offset`` ``[len(counts)]``, where each range starts.
+    """
+    offset = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(int(np.sum(counts))) - offset[owner], offset
+
+
 def _pair_index(gr: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted-detection and sorted-gt positions of every pair [P], and group block offsets."""
-    sizes = gr.n_det * gr.n_gt
-    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    owner = np.repeat(np.arange(len(sizes)), sizes)
-    local = np.arange(int(sizes.sum())) - offset[owner]
+    owner, local, offset = ragged_ranges(gr.n_det * gr.n_gt)
     d = gr.det_start[owner] + local // gr.n_gt[owner]
     g = gr.gt_start[owner] + local % gr.n_gt[owner]
     return d, g, offset

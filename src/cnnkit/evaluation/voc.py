@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.evaluation.coco import box_iou_pairs
+from cnnkit.evaluation.coco import box_iou_pairs, ragged_ranges
 from cnnkit.evaluation.coco_io import (
     is_predictions,
     load_json,
@@ -231,9 +231,7 @@ def voc_evaluate(
     d_key = d.img * num_c + d.cat
     start = np.searchsorted(g_sorted, d_key, side="left")
     count = np.searchsorted(g_sorted, d_key, side="right") - start
-    offset = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    owner = np.repeat(np.arange(len(d_key)), count)
-    local = np.arange(int(count.sum())) - offset[owner]
+    owner, local, offset = ragged_ranges(count)
     g_rows = g_order[start[owner] + local]
     iou = box_iou_pairs(d.bbox[owner], g.bbox[g_rows], np.zeros(len(owner), dtype=bool))
     has = count > 0
