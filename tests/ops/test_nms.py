@@ -289,3 +289,20 @@ def test_density_estimate_from_diagonal_blocks(monkeypatch):
     sparse = random_boxes(800, seed=8, extent=600.0)
     assert nms(sparse, scores, 0.5).tolist() == greedy_torch(sparse, scores, 0.5)
     assert not all(calls)  # off-diagonal pairs compared too
+
+
+@pytest.mark.parametrize("n", [200, 1500])  # full matrix and blocks
+def test_half_precision_and_grad_boxes(n):
+    # Half-precision boxes are compared in float32 (torchvision's CUDA accumulation type);
+    # boxes that require grad give indices (nms is not differentiable).
+    boxes = random_boxes(n, seed=n, dtype=torch.float32)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = boxes.to(dtype)
+        assert nms(low, scores, 0.5).tolist() == greedy_torch(low.float(), scores, 0.5)
+    leaf = boxes.clone().requires_grad_(True)
+    assert nms(leaf, scores, 0.5).tolist() == greedy_torch(boxes, scores, 0.5)
+    labels = torch.arange(n) % 3
+    assert torch.equal(
+        batched_nms(leaf, scores, labels, 0.5), batched_nms(boxes, scores, labels, 0.5)
+    )

@@ -71,7 +71,8 @@ _OFF_DIAG_WEIGHT = 0.25
 _MIN_CHUNK = 32
 # Diagonal blocks compared first, spread over the layout: enough to tell a dense input.
 _PROBE_BLOCKS = 16
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+# Dtypes whose CPU tensors _flat_over hands to numpy (boxes are float32 or float64 by then).
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _check(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -94,10 +95,9 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
     """
     if dtype == torch.float64:
         return iou_threshold
-    np_type = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
-    t = np_type(iou_threshold)
+    t = np.float32(iou_threshold)  # boxes are float32 otherwise (see _nms)
     if float(t) > iou_threshold:
-        t = np.nextafter(t, np_type(-np.inf))
+        t = np.nextafter(t, np.float32(-np.inf))
     return float(t)
 
 
@@ -498,8 +498,10 @@ def _nms(
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    b = boxes[order]
-    if not b.is_floating_point():
+    b = boxes[order].detach()  # indices only: no gradient flows through nms
+    if b.dtype not in (torch.float32, torch.float64):
+        # Integers and half precision are compared in float32, as torchvision's CUDA kernel
+        # does for half (its accumulation type); the block pruning's margins assume it.
         b = b.float()
     threshold = _threshold_for(b.dtype, float(iou_threshold))
     prune = 0.0 < iou_threshold < 1.0
