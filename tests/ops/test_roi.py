@@ -279,6 +279,24 @@ def test_roi_pool_float32_ties_and_large_windows(size):
     _check_pool_against_reference(torch.round(x * 1.5), rois, size, 1.0)
 
 
+@pytest.mark.parametrize("per_element", [True, False])
+def test_roi_pool_images_without_rois_and_clipped_rois(monkeypatch, per_element):
+    # An image with no RoI, RoIs in the last image (keys carry global indices), and RoIs beyond
+    # the map's edges (clipped or empty bins), with element and row keys.
+    if not per_element:
+        monkeypatch.setattr(roi_pool_module, "_INT32_INDEX_LIMIT", 0)
+    x = torch.round(torch.randn(3, 2, 7, 9, generator=torch.Generator().manual_seed(3)) * 2)
+    rois = torch.tensor(
+        [
+            [2.0, 3.0, 2.0, 30.0, 40.0],  # runs past the bottom-right corner
+            [0.0, -9.0, -9.0, 4.0, 5.0],  # starts before the top-left corner
+            [2.0, 20.0, 16.0, 25.0, 20.0],  # entirely outside: empty bins
+            [0.0, 1.0, 1.0, 1.0, 1.0],  # a single cell
+        ]
+    )
+    _check_pool_against_reference(x, rois, (3, 4), 0.5)
+
+
 def test_roi_pool_negative_zero_ties_with_zero():
     # -0.0 == +0.0: the first of them in row-major order gets the gradient.
     x = torch.tensor([[[[-0.0, 0.0], [0.0, -1.0]]]], requires_grad=True)
