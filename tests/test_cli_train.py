@@ -80,3 +80,13 @@ def test_tensorboard_missing_is_a_clear_error(capsys, tmp_path):
     argv = ["train", *TINY, "--tensorboard", "--out", str(tmp_path / "run")]
     _fails(capsys, argv, "--tensorboard needs the tensorboard package")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_usage_errors_are_one_line(capsys):
+    from cnnkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--lr", "abc"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and "--lr" in err and "cnnkit train --help" in err

@@ -17,8 +17,16 @@ import sys
 COMMAND_MODULES = ("models", "train", "runs", "eval")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit status 2), pointing at ``--help`` instead of printing the
+    whole usage block; sub-command parsers inherit the class."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cnnkit",
         description="Design, train and evaluate convolutional networks.",
     )
