@@ -288,3 +288,16 @@ def test_channel_stats_chunked_and_constant_channel(monkeypatch):
     assert np.allclose(mean, a.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
     assert np.isclose(std[0], a[:, 0].std(ddof=1), rtol=0, atol=1e-12)
     assert mean[1] == pytest.approx(200 / 255) and std[1] == C._MIN_STD
+
+
+def test_image_folder_errors_name_the_file_and_mixed_modes_become_rgb(tmp_path):
+    for i in range(5):
+        _save(tmp_path / "imgs" / "a" / f"{i}.png", 40, mode="L")
+        _save(tmp_path / "imgs" / "b" / f"{i}.png", (0, 200, 0))
+    d = load_data(f"folder:{tmp_path / 'imgs'}", image_size=8)
+    assert d.input_size == (3, 8, 8)  # one color image makes the whole set RGB
+    gray = d.train.images[d.train.labels == 0]
+    assert torch.equal(gray[:, :, 4, 4], torch.full((len(gray), 3), 40, dtype=torch.uint8))
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_data(f"folder:{tmp_path / 'imgs'}", image_size=8)

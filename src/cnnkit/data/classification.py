@@ -365,25 +365,31 @@ def _open_image(path: Path):
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def _is_gray(image) -> bool:
-    return image.mode in ("1", "L", "LA", "I", "I;16", "F")
+def _is_gray(path: Path) -> bool:
+    """Whether the image at ``path`` is single-channel, from its header alone (no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode in ("1", "L", "LA", "I", "I;16", "F")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def _to_tensor(image, channels: int, image_size: int) -> Tensor:
-    """A PIL image -> ``uint8 [channels, image_size, image_size]`` (bilinear resize)."""
+def _decode(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
+    """The image at ``path`` as ``uint8 [channels, h, w]`` (bilinear resize to ``size = (h, w)``)."""
     from PIL import Image
 
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+    image = _open_image(path).convert("L" if channels == 1 else "RGB")
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8).reshape(h, w, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _read_class_tree(
-    root: Path, classes: list[str] | None, image_size: int
-) -> tuple[list, Tensor, list[str]]:
-    """PIL images and labels of ``root/<class>/*``; ``classes`` fixes the label order."""
+def _class_tree(root: Path, classes: list[str] | None) -> tuple[list[Path], Tensor, list[str]]:
+    """Image files and labels of ``root/<class>/*``; ``classes`` fixes the label order."""
     found = [d.name for d in _class_dirs(root)]
     if not found:
         raise ValueError(f"image folder {root} has no class subdirectories (root/<class>/*.png)")
@@ -393,21 +399,25 @@ def _read_class_tree(
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(f"image folder {root}: classes {unknown} are not in the train split")
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
         directory = root / name
-        if not directory.is_dir():
-            continue
-        for file in _image_files(directory):
-            images.append(_open_image(file))
-            labels.append(label)
-    if not images:
+        if directory.is_dir():
+            found_files = _image_files(directory)
+            files += found_files
+            labels += [label] * len(found_files)
+    if not files:
         raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images, torch.tensor(labels, dtype=torch.int64), classes
+    return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
-def _stack(images: list, channels: int, image_size: int) -> Tensor:
-    return torch.stack([_to_tensor(im, channels, image_size) for im in images])
+def _decode_all(files: list[Path], channels: int, image_size: int) -> Tensor:
+    """``uint8 [N, channels, S, S]``, one image decoded and resized at a time (full-resolution
+    images are never held together)."""
+    out = torch.empty((len(files), channels, image_size, image_size), dtype=torch.uint8)
+    for i, file in enumerate(files):
+        out[i] = _decode(file, channels, (image_size, image_size))
+    return out
 
 
 def _load_folder(
@@ -418,24 +428,23 @@ def _load_folder(
     if (root / "train").is_dir():
         if not (root / "test").is_dir():
             raise ValueError(f"image folder {root} has train/ but no test/ subfolder")
-        tree = {"train": _read_class_tree(root / "train", None, image_size)}
+        tree = {"train": _class_tree(root / "train", None)}
         classes = tree["train"][2]
         for split in ("dev", "test"):
             if (root / split).is_dir():
-                tree[split] = _read_class_tree(root / split, classes, image_size)
-        all_images = [im for images, _, _ in tree.values() for im in images]
-        channels = 1 if all(_is_gray(im) for im in all_images) else 3
+                tree[split] = _class_tree(root / split, classes)
+        channels = 1 if all(_is_gray(f) for files, _, _ in tree.values() for f in files) else 3
         sets = {
-            s: ImageDataset(_stack(images, channels, image_size), labels, classes)
-            for s, (images, labels, _) in tree.items()
+            s: ImageDataset(_decode_all(files, channels, image_size), labels, classes)
+            for s, (files, labels, _) in tree.items()
         }
         if "dev" not in sets:
             held = max(1, round(len(sets["train"]) * FOLDER_HOLDOUT))
             sets["dev"], sets["train"] = _hold_out(sets["train"], [held], seed)
         return sets["train"], sets["dev"], sets["test"]
-    images, labels, classes = _read_class_tree(root, None, image_size)
-    channels = 1 if all(_is_gray(im) for im in images) else 3
-    data = ImageDataset(_stack(images, channels, image_size), labels, classes)
+    files, labels, classes = _class_tree(root, None)
+    channels = 1 if all(_is_gray(f) for f in files) else 3
+    data = ImageDataset(_decode_all(files, channels, image_size), labels, classes)
     held = max(1, round(len(data) * FOLDER_HOLDOUT))
     if len(data) < 2 * held + 1:
         raise ValueError(f"image folder {root} holds {len(data)} images: too few to split")
@@ -456,10 +465,4 @@ def load_image(path: str | os.PathLike, input_size: tuple[int, int, int]) -> Ten
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"image {file} does not exist")
-    from PIL import Image
-
-    image = _open_image(file).convert("L" if c == 1 else "RGB")
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8).reshape(h, w, c)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return _decode(file, c, (h, w)).float().div_(255.0)
