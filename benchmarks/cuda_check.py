@@ -189,34 +189,11 @@ def check_models() -> None:
 
 def check_training(out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": "src"}
+    train = ["-m", "cnnkit", "train", "--device", "cuda", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1"]
     runs = {
-        "train --device cuda": [
-            sys.executable,
-            "-m",
-            "cnnkit",
-            "train",
-            "--device",
-            "cuda",
-            "--quiet",
-            "--out",
-            str(out / "run-cuda"),
-        ],
-        "torchrun nccl x1": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=1",
-            "-m",
-            "cnnkit",
-            "train",
-            "--device",
-            "cuda",
-            "--quiet",
-            "--epochs",
-            "3",
-            "--out",
-            str(out / "run-ddp"),
-        ],
+        "train --device cuda": [sys.executable, *train, "--out", str(out / "run-cuda")],
+        "torchrun nccl x1": [*torchrun, *train, "--epochs", "3", "--out", str(out / "run-ddp")],
     }
     for name, cmd in runs.items():
         t0 = time.perf_counter()

@@ -23,20 +23,12 @@ import torch
 import torchvision.ops as tv
 
 import cnnkit.ops as ck
+from crosscheck_ops import random_boxes  # the same proposal-like boxes (this directory)
 
 
 def make_boxes(n: int, clustered: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    if clustered:
-        centres = torch.rand(8, 2, generator=gen) * 1000
-        c = (
-            centres[torch.randint(0, 8, (n,), generator=gen)]
-            + torch.randn(n, 2, generator=gen) * 30
-        )
-    else:
-        c = torch.rand(n, 2, generator=gen) * 1000
-    s = torch.rand(n, 2, generator=gen) * 190 + 10
-    return torch.cat((c - s / 2, c + s / 2), dim=1), torch.rand(n, generator=gen)
+    return random_boxes(gen, n, clustered), torch.rand(n, generator=gen)
 
 
 def _median_ms(times: list[float]) -> float:

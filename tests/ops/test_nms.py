@@ -59,6 +59,16 @@ def greedy_torch(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[
     return kept
 
 
+def per_class_greedy(boxes, scores, labels, thr: float, classes: int) -> list[int]:
+    """:func:`greedy_torch` within each class, merged by decreasing score."""
+    expected = []
+    for c in range(classes):
+        idx = torch.where(labels == c)[0]
+        expected += idx[greedy_torch(boxes[idx], scores[idx], thr)].tolist()
+    expected.sort(key=lambda i: -scores[i].item())
+    return expected
+
+
 def random_boxes(n: int, seed: int, extent: float = 300.0, dtype=torch.float64) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     c = torch.rand(n, 2, generator=gen, dtype=dtype) * extent
@@ -166,12 +176,7 @@ def test_batched_nms_many_boxes_matches_per_class_greedy():
     scores = torch.rand(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(13))
     keep = batched_nms(boxes, scores, labels, 0.5)
-    expected = []
-    for c in range(3):
-        idx = torch.where(labels == c)[0]
-        expected += idx[greedy_torch(boxes[idx], scores[idx], 0.5)].tolist()
-    expected.sort(key=lambda i: -scores[i].item())
-    assert keep.tolist() == expected
+    assert keep.tolist() == per_class_greedy(boxes, scores, labels, 0.5, 3)
 
 
 def test_empty_and_integer_inputs():
@@ -227,12 +232,7 @@ def test_dense_clusters_batched_match_per_class_greedy():
     scores = torch.rand(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
     labels = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(23))
     keep = batched_nms(boxes, scores, labels, 0.5)
-    expected = []
-    for c in range(2):
-        idx = torch.where(labels == c)[0]
-        expected += idx[greedy_torch(boxes[idx], scores[idx], 0.5)].tolist()
-    expected.sort(key=lambda i: -scores[i].item())
-    assert keep.tolist() == expected
+    assert keep.tolist() == per_class_greedy(boxes, scores, labels, 0.5, 2)
 
 
 def test_all_identical_boxes_keep_the_first_best():

@@ -70,9 +70,9 @@ def c_round(v: float) -> int:
     return int(math.copysign(math.floor(abs(v) + 0.5), v))  # halves away from zero
 
 
-def ref_roi_pool(x, rois, ph, pw, scale):
-    _, c, h, w = x.shape
-    out = torch.zeros(len(rois), c, ph, pw, dtype=x.dtype)
+def ref_pool_bins(rois, ph, pw, scale, h, w):
+    """Fast R-CNN's quantized bins: ``(k, image, i, j, h0, h1, w0, w1)`` for every bin ``(i, j)``
+    of every RoI ``k``, the cells ``[h0, h1) x [w0, w1)`` clipped to the ``h x w`` map."""
     for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
         sx, sy, ex, ey = (c_round(v * scale) for v in (x1, y1, x2, y2))
         rw, rh = max(ex - sx + 1, 1), max(ey - sy + 1, 1)
@@ -82,8 +82,15 @@ def ref_roi_pool(x, rois, ph, pw, scale):
             for j in range(pw):
                 w0 = min(max(math.floor(j * (rw / pw)) + sx, 0), w)
                 w1 = min(max(math.ceil((j + 1) * (rw / pw)) + sx, 0), w)
-                if h1 > h0 and w1 > w0:
-                    out[k, :, i, j] = x[int(b), :, h0:h1, w0:w1].amax(dim=(1, 2))
+                yield k, int(b), i, j, h0, h1, w0, w1
+
+
+def ref_roi_pool(x, rois, ph, pw, scale):
+    _, c, h, w = x.shape
+    out = torch.zeros(len(rois), c, ph, pw, dtype=x.dtype)
+    for k, b, i, j, h0, h1, w0, w1 in ref_pool_bins(rois, ph, pw, scale, h, w):
+        if h1 > h0 and w1 > w0:
+            out[k, :, i, j] = x[b, :, h0:h1, w0:w1].amax(dim=(1, 2))
     return out
 
 
@@ -134,24 +141,16 @@ def ref_roi_pool_grad(x, rois, ph, pw, scale, grad):
     """Input gradient of RoI pooling: each bin's grad goes to its first maximum (row-major)."""
     _, c, h, w = x.shape
     out = torch.zeros_like(x)
-    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
-        sx, sy, ex, ey = (c_round(v * scale) for v in (x1, y1, x2, y2))
-        rw, rh = max(ex - sx + 1, 1), max(ey - sy + 1, 1)
-        for i in range(ph):
-            h0 = min(max(math.floor(i * (rh / ph)) + sy, 0), h)
-            h1 = min(max(math.ceil((i + 1) * (rh / ph)) + sy, 0), h)
-            for j in range(pw):
-                w0 = min(max(math.floor(j * (rw / pw)) + sx, 0), w)
-                w1 = min(max(math.ceil((j + 1) * (rw / pw)) + sx, 0), w)
-                for ch in range(c):
-                    best, where = None, None
-                    for yy in range(h0, h1):
-                        for xx in range(w0, w1):
-                            v = x[int(b), ch, yy, xx].item()
-                            if best is None or v > best:
-                                best, where = v, (yy, xx)
-                    if where is not None:
-                        out[int(b), ch, where[0], where[1]] += grad[k, ch, i, j]
+    for k, b, i, j, h0, h1, w0, w1 in ref_pool_bins(rois, ph, pw, scale, h, w):
+        for ch in range(c):
+            best, where = None, None
+            for yy in range(h0, h1):
+                for xx in range(w0, w1):
+                    v = x[b, ch, yy, xx].item()
+                    if best is None or v > best:
+                        best, where = v, (yy, xx)
+            if where is not None:
+                out[b, ch, where[0], where[1]] += grad[k, ch, i, j]
     return out
 
 

@@ -17,6 +17,9 @@ import dataclasses
 import json
 import sys
 
+from cnnkit.layers.norm import NORMS
+from cnnkit.train.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TOGGLES
+
 DEFAULTS_NOTE = "defaults train resnet20 on the embedded digits (1-2 minutes on 2 CPU cores)"
 
 
@@ -86,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the rate used is lr * global batch / lr-batch",
     )
     g.add_argument("--lr-batch", type=int, default=128, help="reference batch of --lr")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action="store_true")
     g.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd), 0.05 (adamw)")
@@ -97,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--schedule",
-        choices=("cosine", "step"),
+        choices=SCHEDULES,
         default="cosine",
         help="step: /10 at 50%% and 75%%",
     )
@@ -118,22 +121,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--cutout", type=int, default=0, metavar="SIZE", help="Cutout square side (0: off)"
     )
-    g.add_argument(
-        "--norm", choices=("batch", "group", "layer", "none"), help="normalization layers"
-    )
+    g.add_argument("--norm", choices=NORMS, help="normalization layers")
     g.add_argument("--norm-groups", type=_positive_int, help="groups of --norm group")
     g.add_argument(
         "--crop-padding", type=int, help="random-crop padding (0: off; default 4, digits 2)"
     )
-    g.add_argument(
-        "--flip", choices=("auto", "on", "off"), default="auto", help="auto: off for digits"
-    )
+    g.add_argument("--flip", choices=TOGGLES, default="auto", help="auto: off for digits")
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto")
+    g.add_argument("--channels-last", choices=TOGGLES, default="auto")
+    g.add_argument("--compile", choices=TOGGLES, default="auto", help="torch.compile")
     g.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
 

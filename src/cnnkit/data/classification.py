@@ -25,6 +25,7 @@ Splits are deterministic (seeded) and stratified: each class contributes in prop
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -354,33 +355,31 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _open_image(path: Path):
+@contextlib.contextmanager
+def _opened_image(path: Path):
+    """The PIL image at ``path``, open for the ``with`` block; a failure to read or decode it
+    (in the block as well) is a ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.copy()
+            yield im
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def _is_gray(path: Path) -> bool:
     """Whether the image at ``path`` is single-channel, from its header alone (no decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.mode in ("1", "L", "LA", "I", "I;16", "F")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    with _opened_image(path) as im:
+        return im.mode in ("1", "L", "LA", "I", "I;16", "F")
 
 
 def _decode(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
     """The image at ``path`` as ``uint8 [channels, h, w]`` (bilinear resize to ``size = (h, w)``)."""
     from PIL import Image
 
-    image = _open_image(path).convert("L" if channels == 1 else "RGB")
+    with _opened_image(path) as im:
+        image = im.convert("L" if channels == 1 else "RGB")  # decodes into a new image
     h, w = size
     if image.size != (w, h):
         image = image.resize((w, h), Image.BILINEAR)

@@ -90,6 +90,8 @@ def cutout(
         cx = torch.randint(0, w, (n,), device=x.device, generator=generator)
         centers = torch.stack([cy, cx], dim=1)
     mask = cutout_mask(size, h, w, centers.to(x.device))[:, None]  # [N, 1, H, W]
+    if isinstance(fill, (int, float)):  # a scalar goes to the kernel as is: no host-to-device copy
+        return x.masked_fill(mask, fill)
     fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
     return torch.where(mask, fill_t, x)
 

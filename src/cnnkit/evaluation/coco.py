@@ -231,11 +231,10 @@ def _mask_ious(gt: GroundTruth, dt: Detections, gr: _Groups, progress: bool) -> 
     """
     if len(gr.both) == 0:
         return np.zeros(0)
-    d_need = np.repeat(gr.det_start - np.cumsum(np.r_[0, gr.n_det[:-1]]), gr.n_det)
-    d_need = d_need + np.arange(int(gr.n_det.sum()))
-    g_need = np.repeat(gr.gt_start - np.cumsum(np.r_[0, gr.n_gt[:-1]]), gr.n_gt)
-    g_need = g_need + np.arange(int(gr.n_gt.sum()))
-    d_rows, g_rows = gr.dt_rows[d_need], gr.gt_rows[g_need]
+    d_owner, d_local, _ = ragged_ranges(gr.n_det)
+    g_owner, g_local, _ = ragged_ranges(gr.n_gt)
+    d_rows = gr.dt_rows[gr.det_start[d_owner] + d_local]
+    g_rows = gr.gt_rows[gr.gt_start[g_owner] + g_local]
     d_rles = coco_masks.to_rles(
         [dt.segmentation[i] for i in d_rows], *_hw(gt, dt.img[d_rows]), "results", d_rows
     )

@@ -145,6 +145,27 @@ def lookup(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(sorted_ids[pos_c] == values, pos_c, -1).astype(np.int64)
 
 
+def _indices(
+    records: Sequence[Any], key: str, where: str, sorted_ids: np.ndarray, absent: str
+) -> np.ndarray:
+    """Index in ``sorted_ids`` of each record's ``key`` id; an unknown id names its entry."""
+    idx = lookup(sorted_ids, _id_array(_column(records, key, where), where, key))
+    if (idx < 0).any():
+        i = int(np.argmax(idx < 0))
+        raise ValueError(f"{where}[{i}].{key}={records[i][key]!r}: {absent}")
+    return idx
+
+
+def _boxes(records: Sequence[Any], where: str) -> np.ndarray:
+    """xywh boxes [N, 4] of the records; a negative width or height names its entry."""
+    bbox = _numbers(_column(records, "bbox", where), where, "bbox", width=4)
+    neg = (bbox[:, 2:] < 0).any(axis=1)
+    if neg.any():
+        i = int(np.argmax(neg))
+        raise ValueError(f"{where}[{i}].bbox={records[i]['bbox']!r}: negative width or height")
+    return bbox
+
+
 def _flags(records: Sequence[Mapping[str, Any]], key: str, where: str) -> np.ndarray:
     values = _column(records, key, where, default=0)
     try:
@@ -186,16 +207,8 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
     names = [str(cats[i].get("name", cat_ids[j])) for j, i in enumerate(cfirst)]
 
     n = len(anns)
-    ann_img = lookup(image_ids, _id_array(_column(anns, "image_id", where_a), where_a, "image_id"))
-    if n and (ann_img < 0).any():
-        i = int(np.argmax(ann_img < 0))
-        raise ValueError(f"{where_a}[{i}].image_id={anns[i]['image_id']!r}: no such image")
-    ann_cat = lookup(
-        cat_ids, _id_array(_column(anns, "category_id", where_a), where_a, "category_id")
-    )
-    if n and (ann_cat < 0).any():
-        i = int(np.argmax(ann_cat < 0))
-        raise ValueError(f"{where_a}[{i}].category_id={anns[i]['category_id']!r}: no such category")
+    ann_img = _indices(anns, "image_id", where_a, image_ids, "no such image")
+    ann_cat = _indices(anns, "category_id", where_a, cat_ids, "no such category")
     ids = _column(anns, "id", where_a, default=None)
     if n and all(v is None for v in ids):
         ann_id = np.arange(1, n + 1, dtype=np.int64)  # ids only need to be distinct
@@ -207,20 +220,17 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
 
     bbox = np.zeros((n, 4))
     if iou_type != "segm" or (n and "bbox" in anns[0]):
-        bbox = _numbers(_column(anns, "bbox", where_a), where_a, "bbox", width=4)
-        if n and (bbox[:, 2:] < 0).any():
-            i = int(np.argmax((bbox[:, 2:] < 0).any(axis=1)))
-            raise ValueError(f"{where_a}[{i}].bbox={anns[i]['bbox']!r}: negative width or height")
+        bbox = _boxes(anns, where_a)
     out = GroundTruth(
         image_ids=image_ids,
         heights=heights,
         widths=widths,
         cat_ids=cat_ids,
         cat_names=names,
-        ann_id=ann_id.reshape(-1) if n else np.zeros(0, dtype=np.int64),
+        ann_id=ann_id,
         ann_img=ann_img,
         ann_cat=ann_cat,
-        bbox=bbox.reshape(n, 4),
+        bbox=bbox,
         area=np.zeros(n),
         iscrowd=_flags(anns, "iscrowd", where_a),
         ignore_flag=_flags(anns, "ignore", where_a),
@@ -255,7 +265,7 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
             fill = bbox[idx, 2] * bbox[idx, 3]
         for i, f in zip(missing, fill.tolist(), strict=True):
             areas[i] = f
-    out.area = _numbers(areas, where_a, "area") if n else np.zeros(0)
+    out.area = _numbers(areas, where_a, "area")
     return out
 
 
@@ -348,6 +358,22 @@ def predictions_to_results(
     return results
 
 
+def parse_results(
+    dt: str | os.PathLike | Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]],
+    iou_type: str,
+    label_map: Mapping[int, Any] | None = None,
+) -> Any:
+    """The result dicts of ``dt`` (unvalidated): a path is read, a COCO-style dict gives its
+    "annotations", per-image predictions are converted; anything else is returned as is."""
+    if isinstance(dt, (str, os.PathLike)):
+        dt = load_json(dt, "results")
+    if isinstance(dt, Mapping) and "annotations" in dt:
+        return dt["annotations"]  # a COCO-style file whose annotations carry scores
+    if is_predictions(dt):
+        return predictions_to_results(dt, iou_type, label_map)
+    return dt
+
+
 def read_detections(
     dt: str | os.PathLike | Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]],
     gt: GroundTruth,
@@ -356,12 +382,7 @@ def read_detections(
 ) -> Detections:
     """Validated arrays of detection results against ``gt``; errors name ``results[i].field``."""
     where = f"results {os.fspath(dt)!r}" if isinstance(dt, (str, os.PathLike)) else "results"
-    if isinstance(dt, (str, os.PathLike)):
-        dt = load_json(dt, "results")
-    if isinstance(dt, Mapping) and "annotations" in dt:
-        dt = dt["annotations"]  # a COCO-style file whose annotations carry scores
-    elif is_predictions(dt):
-        dt = predictions_to_results(dt, iou_type, label_map)
+    dt = parse_results(dt, iou_type, label_map)
     if not isinstance(dt, list):
         raise ValueError(f"{where}: expected a list of result objects, got {type(dt).__name__}")
     n = len(dt)
@@ -376,18 +397,8 @@ def read_detections(
             keypoints=np.zeros((0, k)),
             segmentation=[],
         )
-    img = lookup(gt.image_ids, _id_array(_column(dt, "image_id", where), where, "image_id"))
-    if (img < 0).any():
-        i = int(np.argmax(img < 0))
-        raise ValueError(
-            f"{where}[{i}].image_id={dt[i]['image_id']!r}: not an image of the ground truth"
-        )
-    cat = lookup(gt.cat_ids, _id_array(_column(dt, "category_id", where), where, "category_id"))
-    if (cat < 0).any():
-        i = int(np.argmax(cat < 0))
-        raise ValueError(
-            f"{where}[{i}].category_id={dt[i]['category_id']!r}: not a category of the ground truth"
-        )
+    img = _indices(dt, "image_id", where, gt.image_ids, "not an image of the ground truth")
+    cat = _indices(dt, "category_id", where, gt.cat_ids, "not a category of the ground truth")
     score = _numbers(_column(dt, "score", where), where, "score")
     out = Detections(img=img, cat=cat, score=score, area=np.zeros(n))
 
@@ -396,11 +407,7 @@ def read_detections(
     has_box = "bbox" in first and not (isinstance(first["bbox"], list) and first["bbox"] == [])
     need_box = iou_type == "bbox" or has_box
     if need_box:
-        out.bbox = _numbers(_column(dt, "bbox", where), where, "bbox", width=4)
-        neg = (out.bbox[:, 2:] < 0).any(axis=1)
-        if neg.any():
-            i = int(np.argmax(neg))
-            raise ValueError(f"{where}[{i}].bbox={dt[i]['bbox']!r}: negative width or height")
+        out.bbox = _boxes(dt, where)
     if iou_type == "segm" or (not has_box and "segmentation" in first):
         out.segmentation = _column(dt, "segmentation", where)
     if iou_type == "keypoints" or (not has_box and "segmentation" not in first):

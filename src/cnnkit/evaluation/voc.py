@@ -34,9 +34,8 @@ import numpy as np
 
 from cnnkit.evaluation.coco import box_iou_pairs, ragged_ranges
 from cnnkit.evaluation.coco_io import (
-    is_predictions,
     load_json,
-    predictions_to_results,
+    parse_results,
     read_detections,
     read_ground_truth,
 )
@@ -213,10 +212,7 @@ def voc_evaluate(
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
     if isinstance(gt, (str, os.PathLike)):
         gt = load_voc_annotations(gt) if Path(gt).is_dir() else load_json(gt, "ground truth")
-    if isinstance(dt, (str, os.PathLike)):
-        dt = load_json(dt, "results")
-    if is_predictions(dt):
-        dt = predictions_to_results(dt, "bbox", label_map)
+    dt = parse_results(dt, "bbox", label_map)
     if isinstance(gt, Mapping) and isinstance(dt, list):
         dt = _resolve_names(dt, gt)
     g = read_ground_truth(gt, "bbox")
@@ -252,16 +248,18 @@ def voc_evaluate(
     claimed = np.flatnonzero(claim)
     _, first_claim = np.unique(row[claimed], return_index=True)
     tp[claimed[first_claim]] = True
-    cat_sorted = d.cat[order]
+    # The ranked detections that count, one contiguous run per class.
+    tp_counted = tp[~neither]
+    bounds = np.searchsorted(d.cat[order][~neither], np.arange(num_c + 1))
 
     names = list(g.cat_names)
     keys = names if len(set(names)) == len(names) else [c.item() for c in g.cat_ids]
     npos_all = np.bincount(g.ann_cat[~difficult], minlength=num_c)
     result = VOCResult({}, float("nan"), {}, {}, {}, [], float(iou_threshold), use_07_metric)
     for c, key in enumerate(keys):
-        sel = (cat_sorted == c) & ~neither
-        tps = np.cumsum(tp[sel]).astype(np.float64)
-        fps = np.cumsum(~tp[sel]).astype(np.float64)
+        hits = tp_counted[bounds[c] : bounds[c + 1]]
+        tps = np.cumsum(hits).astype(np.float64)
+        fps = np.cumsum(~hits).astype(np.float64)
         npos = int(npos_all[c])
         result.npos[key] = npos
         result.precision[key] = prec = tps / np.maximum(tps + fps, np.finfo(np.float64).eps)

@@ -134,7 +134,8 @@ class DropBlock2d(nn.Module):
             )
         mask = self.block_mask(x)
         scale = mask.numel() / mask.sum().clamp(min=1.0)
-        return x * mask * scale
+        # Scale the [N, 1, H, W] mask, not the C times larger product (same values: mask is 0/1).
+        return x * (mask * scale)
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, drop_prob={self.drop_prob:.4g}"

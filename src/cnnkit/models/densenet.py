@@ -135,16 +135,19 @@ def cifar_block_config(depth: int, bottleneck: bool) -> list[int]:
     return [(depth - 4) // (3 * convs)] * 3
 
 
-# The arguments every family validates the same way (cnnkit.models.base.check_common_args).
-COMMON_ARGS = (
-    "num_classes",
-    "in_chans",
-    "norm",
-    "drop_path_mode",
-    "drop_path_rate",
-    "drop_block",
-    "dropout",
-)
+def resolve_block_config(
+    depth: int | None, block_config: list[int] | None, bottleneck: bool
+) -> list[int]:
+    """Layers of each dense block, from ``block_config`` or the CIFAR ``depth`` (exactly one)."""
+    if (depth is None) == (block_config is None):
+        raise ValueError("give exactly one of depth (CIFAR DenseNet) and block_config")
+    if depth is not None:
+        return cifar_block_config(depth, bottleneck)
+    if not isinstance(block_config, (list, tuple)) or not block_config:
+        raise ValueError(f"block_config={block_config!r} must be a non-empty list of layer counts")
+    for n in block_config:
+        check_positive_int(n, "block_config entry")
+    return list(block_config)
 
 
 class DenseNet(ConvNet):
@@ -198,7 +201,21 @@ class DenseNet(ConvNet):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        blocks = self._check_args(locals())
+        check_choice(stem, STEMS, "stem")
+        check_common_args(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            norm=norm,
+            drop_path_mode=drop_path_mode,
+            drop_path_rate=drop_path_rate,
+            drop_block=drop_block,
+            dropout=dropout,
+        )
+        check_probability(drop_rate, "drop_rate")
+        if not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression={compression!r} must be in (0, 1]")
+        check_positive_int(bn_size, "bn_size")
+        blocks = resolve_block_config(depth, block_config, bottleneck)
         check_positive_int(growth_rate, "growth_rate")
         init = 2 * growth_rate if num_init_features is None else num_init_features
         check_positive_int(init, "num_init_features")
@@ -251,26 +268,6 @@ class DenseNet(ConvNet):
         self.classifier = nn.Linear(channels, num_classes)
         # He initialization for convolutions (fan-in, as torchvision's DenseNet).
         init_conv_net(self, conv_mode="fan_in", zero_linear_bias=True)
-
-    @staticmethod
-    def _check_args(args: dict) -> list[int]:
-        """Validate the configuration; return the layers per dense block."""
-        check_choice(args["stem"], STEMS, "stem")
-        check_common_args(**{name: args[name] for name in COMMON_ARGS})
-        check_probability(args["drop_rate"], "drop_rate")
-        if not 0.0 < args["compression"] <= 1.0:
-            raise ValueError(f"compression={args['compression']!r} must be in (0, 1]")
-        check_positive_int(args["bn_size"], "bn_size")
-        depth, config = args["depth"], args["block_config"]
-        if (depth is None) == (config is None):
-            raise ValueError("give exactly one of depth (CIFAR DenseNet) and block_config")
-        if depth is not None:
-            return cifar_block_config(depth, args["bottleneck"])
-        if not isinstance(config, (list, tuple)) or not config:
-            raise ValueError(f"block_config={config!r} must be a non-empty list of layer counts")
-        for n in config:
-            check_positive_int(n, "block_config entry")
-        return list(config)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """``[N, in_chans, H, W]`` -> the output of each dense block (before the final norm).

@@ -71,8 +71,6 @@ _OFF_DIAG_WEIGHT = 0.25
 _MIN_CHUNK = 32
 # Diagonal blocks compared first, spread over the layout: enough to tell a dense input.
 _PROBE_BLOCKS = 16
-# Dtypes whose CPU tensors _flat_over hands to numpy (boxes are float32 or float64 by then).
-_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _check(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -106,9 +104,10 @@ def _flat_over(values: Tensor, threshold: float) -> Tensor:
 
     On CPU numpy's comparison and flatnonzero are several times faster than torch's (one
     thread); the comparison is the same (a Python float is compared in the array's dtype, and
-    ``threshold`` is exact in it, see :func:`_threshold_for`).
+    ``threshold`` is exact in it, see :func:`_threshold_for`). ``values`` is float32 or float64
+    (:func:`_nms` converts the boxes).
     """
-    if values.device.type == "cpu" and values.dtype in _NUMPY_FLOATS:
+    if values.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(values.numpy() > threshold))
     return torch.nonzero(values.reshape(-1) > threshold).squeeze(1)
 
@@ -196,11 +195,21 @@ def _block_adjacency(
     return torch.from_numpy(adj).to(boxes.device)
 
 
+def _block_coords(boxes: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
+    """``(x1, y1, x2, y2, area)``, each ``[B, block]`` contiguous, of the rows ``slots`` (-1
+    padded) of ``boxes``. Padding is NaN: every comparison with it is false, so it never makes
+    an edge."""
+    padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
+    coords = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
+    x1, y1, x2, y2 = (coords[..., i].contiguous() for i in range(4))
+    return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
+
+
 class _Blocks:
     """The live boxes in spatial blocks, and which blocks may suppress each other.
 
     ``slots``: ``[B, block]`` ranks, -1 padded; ``x1 .. area``: ``[B, block]`` coordinates
-    (NaN padding: every comparison with it is false, so padding never makes an edge);
+    (:func:`_block_coords`);
     ``block_of``: ``[N]`` block of each live rank; ``adj``: ``[B, B]`` bool.
     """
 
@@ -218,10 +227,7 @@ class _Blocks:
         sub_labels = None if labels is None else labels[live]
         # layout: (slots, adj) already computed for all boxes (``live`` must then be all of them).
         local = _spatial_blocks(sub, block, sub_labels) if layout is None else layout[0]
-        padded = torch.cat((sub, sub.new_full((1, 4), math.nan)))
-        coords = padded[torch.where(local >= 0, local, sub.shape[0])]  # [B, block, 4]
-        self.x1, self.y1, self.x2, self.y2 = (coords[..., i].contiguous() for i in range(4))
-        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+        self.x1, self.y1, self.x2, self.y2, self.area = _block_coords(sub, local)
         self.slots = torch.where(local >= 0, live[local.clamp(min=0)], -1)
         self.block_of = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
         rows = torch.arange(local.shape[0], device=boxes.device)[:, None].expand_as(local)
@@ -252,11 +258,10 @@ class _PairIoU:
     """``IoU > threshold`` for batches of block pairs, with torchvision's float operations; the
     ``[P, block, block]`` intermediates live in a :class:`_Scratch`."""
 
-    def __init__(self, blocks: Tensor, threshold: float) -> None:
-        self.x1, self.y1, self.x2, self.y2 = (blocks[..., i].contiguous() for i in range(4))
-        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+    def __init__(self, boxes: Tensor, slots: Tensor, threshold: float) -> None:
+        self.x1, self.y1, self.x2, self.y2, self.area = _block_coords(boxes, slots)
         self.threshold = threshold
-        self.scratch = _Scratch(blocks)
+        self.scratch = _Scratch(boxes)
 
     def __call__(self, ia: Tensor, ib: Tensor) -> Tensor:
         """Flat indices into ``[P, block, block]`` of the pairs (box of block ``ia[p]``, box of
@@ -303,9 +308,6 @@ def _all_edges(
     """
     device = boxes.device
     block = slots.shape[1]
-    # Padding boxes are NaN: every comparison with them is false, so they never make an edge.
-    padded = torch.cat((boxes, boxes.new_full((1, 4), math.nan)))
-    blocks = padded[torch.where(slots >= 0, slots, boxes.shape[0])]  # [B, block, 4]
     # Diagonal pairs first (they need the i < j mask), then the upper triangle. The diagonal
     # blocks go in strided order: the first _PROBE_BLOCKS of them sample the whole layout.
     num_diag = slots.shape[0]
@@ -313,7 +315,7 @@ def _all_edges(
     diag = torch.argsort(torch.arange(num_diag, device=device) % -(-num_diag // probe), stable=True)
     ba, bb = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
     ba, bb = torch.cat((diag, ba)), torch.cat((diag, bb))
-    iou = _PairIoU(blocks, threshold)
+    iou = _PairIoU(boxes, slots, threshold)
     step = max(1, _PAIR_BUDGET // (block * block))
     total = ba.numel()
     # With more than one chunk, the density estimate below is made from the probe, then from

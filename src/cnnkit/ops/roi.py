@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 __all__ = ["MultiScaleRoIAlign", "RoIAlign", "roi_align"]
 
-# Upper bound on gathered elements per chunk (samples x channels): ~64 MB of float32.
+# Upper bound per chunk of RoIs on the tap tables (int64 index and weight), counted by roi_align
+# as 4 float32 words per tap: ~64 MB.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -93,8 +94,8 @@ def _channels_last_rows(input: Tensor) -> Tensor:
     return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
-def _chunks(total: int, per_item: int, budget: int = _CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    step = max(1, budget // max(per_item, 1))
+def _chunks(total: int, per_item: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
     return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
@@ -142,12 +143,12 @@ def _transposed_gather(grad: Tensor, index: Tensor, weight: Tensor, num_rows: in
 
 def _axis_samples(
     start: Tensor, size: Tensor, pooled: int, grid: int, limit: int
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Bilinear taps along one axis for ``grid`` regularly spaced samples in each of ``pooled`` bins.
 
-    Returns ``(index, weight, valid)``: index/weight ``[K, pooled, grid, 2]`` (low and high
-    neighbour), following the Mask R-CNN kernel's boundary rules: a sample beyond ``[-1, limit]``
-    contributes nothing; otherwise it is clamped into ``[0, limit - 1]``.
+    Returns ``(index, weight)``, each ``[K, pooled, grid, 2]`` (low and high neighbour),
+    following the Mask R-CNN kernel's boundary rules: a sample beyond ``[-1, limit]`` contributes
+    nothing; otherwise it is clamped into ``[0, limit - 1]``.
     """
     dtype = start.dtype
     bin_size = size / pooled  # [K]
@@ -168,7 +169,7 @@ def _axis_samples(
     pos = torch.where(at_edge, low.to(dtype), pos)
     frac = pos - low
     weight = torch.stack((1.0 - frac, frac), dim=-1) * valid[..., None]
-    return torch.stack((low, high), dim=-1), weight, valid
+    return torch.stack((low, high), dim=-1), weight
 
 
 def _roi_extent(
@@ -205,8 +206,8 @@ def _roi_align_group(
     gh, gw = grid
     k = rois.shape[0]
     x1, y1, roi_w, roi_h = _roi_extent(rois, spatial_scale, aligned)
-    yi, yw, _ = _axis_samples(y1, roi_h, ph, gh, height)  # [K, ph, gh, 2]
-    xi, xw, _ = _axis_samples(x1, roi_w, pw, gw, width)  # [K, pw, gw, 2]
+    yi, yw = _axis_samples(y1, roi_h, ph, gh, height)  # [K, ph, gh, 2]
+    xi, xw = _axis_samples(x1, roi_w, pw, gw, width)  # [K, pw, gw, 2]
     batch = rois[:, 0].long()
     # Flat row index (n * H + y) * W + x and weight wy * wx / count for every tap of every sample,
     # laid out [K, ph, pw, (gh, 2, gw, 2)]: one bag of 4 * gh * gw taps per output bin.

@@ -243,14 +243,14 @@ def _window_groups(bin_h: Tensor, bin_w: Tensor) -> list[tuple[int, int, bool, b
         return []
     h, w = bin_h[ids], bin_w[ids]
     a, b = _anchor(h), _anchor(w)
-    key = ((b * (int(a.max()) + 1) + a) * 2 + (h > a)) * 2 + (w > b)
+    span = int(a.max()) + 1
+    key = ((b * span + a) * 2 + (h > a)) * 2 + (w > b)
     key, order = torch.sort(key, stable=True)
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
     groups, start = [], 0
     for k, count in zip(uniq.tolist(), counts.tolist(), strict=True):
-        i = ids[order[start]]
-        a_i, b_i = int(_anchor(bin_h[i])), int(_anchor(bin_w[i]))
-        groups.append((a_i, b_i, bool(k & 2), bool(k & 1), ids[order[start : start + count]]))
+        a_k, b_k = (k >> 2) % span, (k >> 2) // span  # the key's own (a, b)
+        groups.append((a_k, b_k, bool(k & 2), bool(k & 1), ids[order[start : start + count]]))
         start += count
     return groups
 

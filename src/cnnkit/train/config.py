@@ -79,17 +79,12 @@ class TrainConfig:
 
     def _validate_counts(self) -> None:
         """Integer options must be positive integers (the optional ones when given)."""
-        for name in ("epochs", "batch_size", "lr_batch", "image_size"):
+        optional = ("train_subset", "threads", "in_chans", "norm_groups")
+        for name in ("epochs", "batch_size", "lr_batch", "image_size", *optional):
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
-                )
-        for name in ("train_subset", "threads", "in_chans", "norm_groups"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
                 )

@@ -55,11 +55,11 @@ from cnnkit.train.device import (
     wants_cuda,
 )
 from cnnkit.train.optim import LRSchedule, build_optimizer
+from cnnkit.train.report import CURVES_NAME
 from cnnkit.train.rng import rng_state, seed_everything, set_rng_state, stream_seed
 
 CHECKPOINT_NAME = "last.ckpt"
 METRICS_NAME = "metrics.json"
-CURVES_NAME = "curves.png"
 STATE_FORMAT = 1
 
 
@@ -270,19 +270,15 @@ class Trainer:
         """Steps per epoch over this rank's shard, and whether the model is compiled."""
         cfg = self.cfg
         self.world_batch = cfg.batch_size * self.ctx.world_size
-        n_train = len(self.data.train)
-        shard = -(-n_train // self.ctx.world_size)
-        self.drop_last_batch = False
-        self.steps_per_epoch = max(1, -(-shard // cfg.batch_size))
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.use_compile = resolve_compile(cfg, self.device, self.total_steps)
+        shard = -(-len(self.data.train) // self.ctx.world_size)
+        full, rest = divmod(shard, cfg.batch_size)
+        all_steps = max(1, full + (rest > 0))
+        self.use_compile = resolve_compile(cfg, self.device, all_steps * cfg.epochs)
         # Compiled graphs are specialized to the batch shape: a ragged last batch would
         # compile a second graph. A last batch of one sample cannot train BatchNorm.
-        ragged = (self.use_compile and shard % cfg.batch_size) or shard % cfg.batch_size == 1
-        if ragged and shard >= cfg.batch_size:
-            self.drop_last_batch = True
-            self.steps_per_epoch = shard // cfg.batch_size
-            self.total_steps = self.steps_per_epoch * cfg.epochs
+        drop_last = full > 0 and (rest == 1 or (self.use_compile and rest > 0))
+        self.steps_per_epoch = full if drop_last else all_steps
+        self.total_steps = self.steps_per_epoch * cfg.epochs
 
     def _setup_optimizer(self) -> None:
         """The optimizer at the linearly scaled rate, and its warmup + decay schedule."""
@@ -547,14 +543,14 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> None:
-        from cnnkit.train.checkpoint import save_model, save_state
+        from cnnkit.train.checkpoint import save_state
 
-        self.save_model_files(save_model)
+        self.save_model_files()
         save_state(self.run_dir / CHECKPOINT_NAME, self.state())
 
-    def save_model_files(self, save_model=None) -> None:
-        if save_model is None:
-            from cnnkit.train.checkpoint import save_model
+    def save_model_files(self) -> None:
+        from cnnkit.train.checkpoint import save_model
+
         save_model(self.model, self.run_dir, data=self.data.facts(), train=self.train_section())
 
     def train_section(self) -> dict[str, Any]:
@@ -580,8 +576,10 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def describe(self) -> str:
+        from cnnkit.models.registry import count_parameters
+
         cfg = self.cfg
-        n = sum(p.numel() for p in self.model.parameters())
+        n = count_parameters(self.model)
         d = self.data
         lines = [
             f"model {cfg.model} ({n:,} parameters) on {d.spec}: {len(d.train)} train / "
