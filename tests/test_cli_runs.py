@@ -19,7 +19,7 @@ from cnnkit.train.checkpoint import save_model
 from cnnkit.train.history import History
 
 classification = pytest.importorskip("cnnkit.data.classification")
-pytest.importorskip("cnnkit.train.loop")
+
 
 TINY = "_test_cli_runs_tiny"
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnkit import viz
 from cnnkit.viz import plot_confusion_matrix, plot_curves
 
 
@@ -47,6 +48,60 @@ def test_curves_one_record_and_missing_values(tmp_path):
     _png(tmp_path / "sub" / "b.png")
     with pytest.raises(ValueError, match="no records"):
         plot_curves([], tmp_path / "c.png")
+
+
+def _drawn(monkeypatch, records, path, **kwargs):
+    """Draw with plot_curves and return, per panel, (y label, {line label: y values})."""
+    figures = []
+    save = viz._save_png
+
+    def keep(fig, out):
+        figures.append(fig)
+        save(fig, out)
+
+    monkeypatch.setattr(viz, "_save_png", keep)
+    plot_curves(records, path, **kwargs)
+    monkeypatch.undo()
+    _png(path)
+    (fig,) = figures
+    return [
+        (ax.get_ylabel(), {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
+        for ax in fig.axes
+    ]
+
+
+def test_curves_of_a_detector_named_losses_and_dev_ap(tmp_path, monkeypatch):
+    # A detector: named training losses, dev box AP, no training AP and no dev loss.
+    records = [
+        {
+            "epoch": t,
+            "train_loss": 3 / t,
+            "train_loss_classifier": 1 / t,
+            "train_loss_box_reg": 2 / t,
+            "dev_box_ap": 0.05 * t,
+        }
+        for t in range(1, 6)
+    ]
+    (loss_label, losses), (ap_label, aps) = _drawn(
+        monkeypatch, records, tmp_path / "det.png", metric="box_ap"
+    )
+    assert loss_label == "loss" and list(losses) == ["train", "classifier", "box_reg"]
+    assert losses["box_reg"] == pytest.approx([2 / t for t in range(1, 6)])
+    assert ap_label == "box ap (%)" and list(aps) == ["dev"]  # no empty train line
+    assert aps["dev"] == pytest.approx([5.0 * t for t in range(1, 6)])
+
+
+def test_curves_in_percent_only_for_fractions(tmp_path, monkeypatch):
+    records = [
+        {"epoch": t, "train_loss": 1 / t, "train_accuracy": 0.5, "dev_psnr": 20.0 + t}
+        for t in range(1, 4)
+    ]
+    (_, _), (label, lines) = _drawn(monkeypatch, records, tmp_path / "a.png")
+    assert label == "accuracy (%)" and lines["train"] == pytest.approx([50.0] * 3)
+    (_, _), (label, lines) = _drawn(monkeypatch, records, tmp_path / "b.png", metric="psnr")
+    assert label == "psnr" and lines["dev"] == pytest.approx([21.0, 22.0, 23.0])
+    (_, _), (label, lines) = _drawn(monkeypatch, records, tmp_path / "c.png", percent=False)
+    assert label == "accuracy" and lines["train"] == pytest.approx([0.5] * 3)
 
 
 def test_confusion_matrix_picture(tmp_path):

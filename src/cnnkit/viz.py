@@ -19,7 +19,7 @@ def _save_png(fig, path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from cnnkit.train.checkpoint import atomic_write_bytes
+    from cnnkit.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -27,39 +27,61 @@ def _save_png(fig, path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_curves(records: list[dict], path) -> None:
-    """Learning curves of a run: loss (left) and accuracy in % (right), train vs dev, per epoch.
+def plot_curves(
+    records: list[dict], path, *, metric: str = "accuracy", percent: bool | None = None
+) -> None:
+    """Learning curves of a run: the losses (left) and the primary metric (right), per epoch.
 
-    ``records`` are history records (``epoch``, ``train_loss``, ``train_accuracy``,
-    ``dev_loss``, ``dev_accuracy``; accuracies as fractions). Missing or non-finite values leave gaps;
-    a single record draws markers.
+    ``records`` are history records: ``epoch``, ``train_loss``, ``dev_loss``,
+    ``train_<metric>`` and ``dev_<metric>`` (train and dev lines), and any named training
+    losses ``train_loss_<name>`` (a detector's ``train_loss_box_reg``...), drawn dashed beside
+    the total. The metric is shown in % if ``percent``; by default (None) when every value is
+    a fraction in [0, 1] (accuracy, AP). Missing or non-finite values leave gaps; a single
+    record draws markers.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from cnnkit.train.history import series
+    from cnnkit.records import series
 
     if not records:
         raise ValueError("plot_curves: no records to plot")
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(records)]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    panels = ((ax_loss, "loss", 1.0, "loss"), (ax_acc, "accuracy", 100.0, "accuracy (%)"))
-    for ax, key, scale, label in panels:
-        for split, style in (("train", "-o"), ("dev", "-s")):
-            values = [v * scale for v in series(records, f"{split}_{key}")]
-            if all(v != v for v in values):  # all NaN: the split was not measured
+    named = [k for k in dict.fromkeys(k for r in records for k in r) if k.startswith("train_loss_")]
+    values = {split: series(records, f"{split}_{metric}") for split in ("train", "dev")}
+    if percent is None:
+        finite = [v for split in values.values() for v in split if v == v]
+        percent = all(0.0 <= v <= 1.0 for v in finite)
+    scale = 100.0 if percent else 1.0
+    label = metric.replace("_", " ")
+    losses = [
+        ("train", series(records, "train_loss"), "-o"),
+        ("dev", series(records, "dev_loss"), "-s"),
+    ]
+    losses += [(k[len("train_loss_") :], series(records, k), "--.") for k in named]
+    scores = [
+        (split, [v * scale for v in values[split]], style)
+        for split, style in (("train", "-o"), ("dev", "-s"))
+    ]
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = (
+        (ax_loss, losses, "loss", "loss"),
+        (ax_metric, scores, label, f"{label} (%)" if percent else label),
+    )
+    for ax, lines, title, ylabel in panels:
+        for name, ys, style in lines:
+            if all(v != v for v in ys):  # all NaN: not measured
                 continue
-            ax.plot(epochs, values, style, label=split, markersize=3 if len(epochs) > 20 else 5)
+            ax.plot(epochs, ys, style, label=name, markersize=3 if len(epochs) > 20 else 5)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    ax_loss.set_title("loss")
-    ax_acc.set_title("accuracy")
-    if len(epochs) == 1:
-        for ax in (ax_loss, ax_acc):
+        if len(epochs) == 1:
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
     fig.tight_layout()
     _save_png(fig, path)

@@ -1,4 +1,5 @@
-"""Saving/loading models (JSON + safetensors) and the resume state (weights-only torch.load)."""
+"""Saving/loading models (JSON + safetensors), the resume state (weights-only torch.load) and
+the atomic writes under both."""
 
 from __future__ import annotations
 
@@ -19,16 +20,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import cnnkit
+from cnnkit import atomic
 from cnnkit.models import registry
 from cnnkit.train import checkpoint
-from cnnkit.train.checkpoint import (
-    load_model,
-    load_state,
-    load_weights,
-    read_config,
-    save_model,
-    save_state,
-)
+from cnnkit.train.checkpoint import load_model, load_weights, read_config, save_model
+from cnnkit.train.state import load_state, save_state
 
 TINY = "_test_checkpoint_tiny"
 
@@ -297,7 +293,7 @@ def test_crash_during_model_save_keeps_the_previous_files(tmp_path, tiny_name, m
     def crash(src, dst):
         raise OSError("simulated crash before the rename")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     model = cnnkit.create_model(tiny_name)
     with pytest.raises(OSError, match="simulated"):
         save_model(model, run)
@@ -315,7 +311,7 @@ def test_crash_during_state_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         calls.append((src, dst))
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
         save_state(path, {"epoch": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
@@ -332,7 +328,7 @@ def test_sigkill_while_writing_leaves_a_loadable_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
-        from cnnkit.train.checkpoint import save_state
+        from cnnkit.train.state import save_state
         for step in range(10_000):
             save_state({str(path)!r}, {{"step": step, "w": torch.full((4_000_000,), float(step))}})
             if step == 0:
@@ -441,7 +437,7 @@ def test_temp_files_of_killed_writers_are_cleaned_up_later(tmp_path):
     stale, fresh = tmp_path / ".last.ckpt.abc.tmp", tmp_path / ".last.ckpt.def.tmp"
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"partial")
-    old = time.time() - checkpoint.STALE_TMP_SECONDS - 5
+    old = time.time() - atomic.STALE_TMP_SECONDS - 5
     os.utime(stale, (old, old))
     save_state(path, {"epoch": 1})
     # The stale one goes; a recent one may belong to a writer still running.

@@ -298,3 +298,82 @@ def test_thresholds_are_named_constants_in_sensible_ranges():
     assert 0 < dg.TREND_FRACTION <= 0.5 and dg.MIN_TREND_EPOCHS >= 3
     assert 0 < dg.OVERFIT_GAP < dg.SEVERE_GAP < 1
     assert 0 < dg.UNDERFIT_TRAIN_ERROR < 0.5
+
+
+# --------------------------------------------------------------------------- other metrics
+
+
+def detection(kind, *, dev_loss=True):
+    """A detector's 24 epochs: named training losses and dev box AP, but no training AP."""
+    out = []
+    for t in range(1, 25):
+        if kind == "converged":
+            loss, ap, dev = 0.4 + 1.5 * exp(3)(t), 0.38 - 0.3 * exp(3)(t), 0.5 + 1.5 * exp(3)(t)
+        elif kind == "dev_ap_falls":  # dev AP peaks near epoch 10, then loses 0.4 points/epoch
+            loss = 0.2 + 1.5 * exp(4)(t)
+            ap = 0.38 - 0.3 * exp(3)(t) - 0.004 * max(0, t - 8)
+            dev = 0.6 + 1.5 * exp(3)(t) + 0.01 * max(0, t - 8)
+        else:  # cut short: the loss still falls 17% over the last 6 epochs
+            loss, ap, dev = 2 * exp(30)(t), 0.38 - 0.3 * exp(30)(t), 2.2 * exp(30)(t)
+        record = {"epoch": t, "train_loss": loss, "train_loss_box_reg": loss / 3, "dev_box_ap": ap}
+        if dev_loss:
+            record["dev_loss"] = dev
+        out.append(record)
+    return out
+
+
+@pytest.mark.parametrize("dev_loss", [True, False])
+@pytest.mark.parametrize(
+    ("kind", "verdict"),
+    [("converged", "healthy"), ("dev_ap_falls", "overfitting"), ("cut_short", "still_improving")],
+)
+def test_without_a_training_metric_the_losses_and_dev_metric_decide(kind, verdict, dev_loss):
+    result = diagnose(detection(kind, dev_loss=dev_loss), CONFIG, metric="box_ap")
+    assert result.verdict == verdict, str(result)
+    # Underfitting needs the training metric: the diagnosis says it could not check it...
+    assert any("No training box ap" in n and "underfitting" in n for n in result.notes)
+    # ...and never prints an unmeasured figure as "nan%".
+    assert "nan" not in str(result).lower()
+    assert "dev box ap" in result.explanation
+    assert math.isnan(result.figures["final_train_box_ap"])
+    if verdict == "overfitting":
+        assert 9 <= result.figures["best_dev_box_ap_epoch"] <= 11
+        best = result.figures["best_dev_box_ap_epoch"]
+        assert f"--epochs {best}" in " ".join(result.advice)
+
+
+@pytest.mark.parametrize(
+    ("curves", "verdict"),
+    [
+        (still_improving, "still_improving"),
+        (underfitting, "underfitting"),
+        (overfitting, "overfitting"),
+        (healthy, "healthy"),
+    ],
+)
+def test_an_error_rate_reads_like_the_accuracy_it_mirrors(curves, verdict):
+    # The same runs recorded as error rates (1 - accuracy, lower is better).
+    records = [
+        {
+            "epoch": r["epoch"],
+            "train_loss": r["train_loss"],
+            "dev_loss": r["dev_loss"],
+            "train_error": 1 - r["train_accuracy"],
+            "dev_error": 1 - r["dev_accuracy"],
+        }
+        for r in curves()
+    ]
+    result = diagnose(records, CONFIG, metric="error", higher_is_better=False)
+    assert result.verdict == verdict, str(result)
+    reference = diagnose(curves(), CONFIG)
+    assert result.figures["train_dev_gap"] == pytest.approx(reference.figures["train_dev_gap"])
+    assert result.figures["final_dev_error"] == pytest.approx(
+        1 - reference.figures["final_dev_accuracy"]
+    )
+
+
+def test_a_metric_no_record_holds_is_an_error_naming_the_ones_they_do():
+    with pytest.raises(ValueError, match=r"train_top1 or dev_top1.*measure accuracy"):
+        diagnose(healthy(), metric="top1")
+    with pytest.raises(ValueError, match=r"measure box_ap"):
+        diagnose(detection("converged"))

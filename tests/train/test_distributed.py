@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from cnnkit.train.distributed import eval_shard, shard_indices
+from cnnkit.data.streaming import shard_order as shard_indices
+from cnnkit.train.distributed import eval_shard
 
 
 def test_shards_are_disjoint_cover_everything_and_change_per_epoch():
@@ -42,7 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_torchrun_on_cpu(tmp_path):
+@pytest.mark.parametrize("storage", ["--in-memory", "--stream"])
+def test_two_process_torchrun_on_cpu(tmp_path, storage):
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -50,7 +53,8 @@ def test_two_process_torchrun_on_cpu(tmp_path):
         "-m", "cnnkit", "train", "--data", "digits", "--image-size", "16",
         "--crop-padding", "2", "--model", "resnet20", "--model-arg", "depth=8",
         "--model-arg", "widths=[4,8,16]", "--train-subset", "128", "--batch-size", "16",
-        "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(out),
+        "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(out), storage,
+        "--workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -76,3 +80,4 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     # Each rank trained half of each epoch's 128 images: 4 steps of 16 per rank.
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["resolved"]["steps_per_epoch"] == 4
+    assert config["train"]["resolved"]["storage"] == storage.lstrip("-").replace("in-", "")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from cnnkit.train.checkpoint import load_weights
@@ -70,3 +71,31 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in ref_hist]
     metrics = json.loads(Path(killed, "metrics.json").read_text())
     assert metrics["epochs"] == 3
+
+
+def _kill_at_first_checkpoint(run_dir: Path, victim: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while not (run_dir / "last.ckpt").exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("storage", ["--in-memory", "--stream"])
+def test_sigkill_mid_epoch_with_save_every_resumes_bit_identically(tmp_path, storage):
+    # 5 steps an epoch; a checkpoint every 2 steps: most of them fall inside an epoch.
+    args = [*ARGS, storage, "--workers", "1", "--save-every", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _cnnkit(*args, "--out", str(whole))
+    _kill_at_first_checkpoint(killed, _cnnkit(*args, "--out", str(killed)))
+    out = _finish(_cnnkit("train", "--resume", str(killed)))
+    assert "resuming after epoch" in out
+    _finish(reference)
+    a, b = load_weights(whole), load_weights(killed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    lines = Path(killed, "history.jsonl").read_text().splitlines()
+    ref_lines = Path(whole, "history.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train_loss"] for line in lines]
+    assert losses == [json.loads(line)["train_loss"] for line in ref_lines]

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    from cnnkit.train.checkpoint import atomic_write_text
+    from cnnkit.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

@@ -151,10 +151,11 @@ def _load_options(config: dict) -> dict[str, Any]:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
+    from cnnkit.atomic import atomic_write_text
     from cnnkit.data.classification import load_data
     from cnnkit.evaluation.classification import accuracy, confusion_matrix, per_class_accuracy
-    from cnnkit.train.checkpoint import atomic_write_text, load_model, read_config
-    from cnnkit.train.loop import predict_logits
+    from cnnkit.train.checkpoint import load_model, read_config
+    from cnnkit.train.classification import predict_logits
     from cnnkit.viz import plot_confusion_matrix
 
     run_dir = _run_dir(args.run_dir)
@@ -231,7 +232,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from cnnkit.data.classification import load_image
     from cnnkit.evaluation.classification import topk
     from cnnkit.train.checkpoint import load_model, read_config
-    from cnnkit.train.loop import predict_logits
+    from cnnkit.train.classification import predict_logits
 
     run_dir = _run_dir(args.run_dir)
     k = _positive(args.top_k, "--top-k")

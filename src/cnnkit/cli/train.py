@@ -70,6 +70,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--train-subset", type=_positive_int, help="train on this many images only (stratified)"
     )
+    storage = g.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--stream",
+        dest="storage",
+        action="store_const",
+        const="stream",
+        default="auto",
+        help="decode images in DataLoader workers as they are needed (default: when the "
+        "decoded data set would not fit comfortably in memory)",
+    )
+    storage.add_argument(
+        "--in-memory",
+        dest="storage",
+        action="store_const",
+        const="memory",
+        help="decode the whole data set into memory up front (default for digits and CIFAR)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes when streaming (default: the cores per process)",
+    )
+    g.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="drop unreadable images of a streamed folder and report how many, instead of "
+        "stopping at the first",
+    )
     g.add_argument(
         "--model-arg",
         type=_model_arg,
@@ -142,6 +170,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--deterministic", action="store_true", help="bit-reproducible kernels")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved arguments")
     g.add_argument(
+        "--save-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="also save a resumable checkpoint every STEPS optimizer steps (mid-epoch)",
+    )
+    g.add_argument(
         "--quiet", action="store_true", help="one line per epoch instead of progress bars"
     )
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events")
@@ -163,7 +197,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnnkit.train.loop import TrainingDiverged, resume, train
+    from cnnkit.train.engine import TrainingDiverged
+    from cnnkit.train.run import resume, train
 
     try:
         if args.resume:

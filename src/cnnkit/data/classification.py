@@ -16,9 +16,13 @@ uint8) fit in memory, so a batch is one indexing operation and the input pipelin
   in He et al., 2016). The batches are pickles, but nothing is unpickled freely: see
   :class:`RestrictedUnpickler`.
 * ``folder:PATH``: ``PATH/<class>/*.png|jpg|...`` split 80/10/10, or
-  ``PATH/train/<class>/...`` with ``PATH/test`` and optionally ``PATH/dev`` (else 10% of train
-  is held out). Images are resized to ``image_size`` x ``image_size``; 1 channel when every
-  image is grayscale, else RGB.
+  ``PATH/train/<class>/...`` with ``PATH/test`` (or ``PATH/val`` when there is no test: the
+  ImageNet layout) and optionally ``PATH/dev`` (else ``PATH/val`` beside a ``PATH/test``, else
+  10% of train is held out): see :func:`folder_files`. Images are resized to ``image_size`` x
+  ``image_size``; 1 channel when every image is grayscale, else RGB.
+
+Data sets too large for memory stream instead (:func:`choose_data_storage`,
+:func:`stream_splits`, :mod:`cnnkit.data.streaming`): the same files, labels and order per split.
 
 Splits are deterministic (seeded) and stratified: each class contributes in proportion.
 """
@@ -37,6 +41,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cnnkit.data.streaming import (
+    FileSource,
+    Invalid,
+    StreamDataset,
+    TensorSource,
+    choose_streaming,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif")
 SPLITS = ("train", "dev", "test")
@@ -182,15 +194,21 @@ def stratified_order(labels: Tensor, seed: int) -> Tensor:
     return torch.argsort(keys, stable=True)
 
 
-def _hold_out(data: ImageDataset, sizes: list[int], seed: int) -> list[ImageDataset]:
-    """Split ``data`` stratified into parts of ``sizes`` (the first parts) and the rest (last)."""
-    order = stratified_order(data.labels, seed)
+def hold_out_index(labels: Tensor, sizes: list[int], seed: int) -> list[Tensor]:
+    """Sorted ``int64`` indices of a stratified split of ``labels`` ``[N]`` into parts of
+    ``sizes`` (the first parts) and the rest (the last part)."""
+    order = stratified_order(labels, seed)
     parts, start = [], 0
     for size in sizes:
-        parts.append(data.subset(order[start : start + size].sort().values))
+        parts.append(order[start : start + size].sort().values)
         start += size
-    parts.append(data.subset(order[start:].sort().values))
+    parts.append(order[start:].sort().values)
     return parts
+
+
+def _hold_out(data: ImageDataset, sizes: list[int], seed: int) -> list[ImageDataset]:
+    """Split ``data`` stratified into parts of ``sizes`` (the first parts) and the rest (last)."""
+    return [data.subset(index) for index in hold_out_index(data.labels, sizes, seed)]
 
 
 # --------------------------------------------------------------------------- digits
@@ -346,9 +364,14 @@ def _load_cifar(
 
 
 def _image_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    # scandir's entries know their type without a stat per file (ImageNet: 1.28M files).
+    with os.scandir(directory) as entries:
+        names = sorted(
+            e.name
+            for e in entries
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        )
+    return [directory / name for name in names]
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -388,10 +411,16 @@ def _decode(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
 
 
 def _class_tree(root: Path, classes: list[str] | None) -> tuple[list[Path], Tensor, list[str]]:
-    """Image files and labels of ``root/<class>/*``; ``classes`` fixes the label order."""
+    """Image files and labels of ``root/<class>/*``; ``classes`` fixes the label order.
+
+    With ``classes=None`` (the training tree) the classes are the subdirectories, and each must
+    hold an image: a class never seen in training is a mistake in the layout. An evaluation
+    tree may lack classes.
+    """
     found = [d.name for d in _class_dirs(root)]
     if not found:
         raise ValueError(f"image folder {root} has no class subdirectories (root/<class>/*.png)")
+    training = classes is None
     if classes is None:
         classes = found
     else:
@@ -403,6 +432,10 @@ def _class_tree(root: Path, classes: list[str] | None) -> tuple[list[Path], Tens
         directory = root / name
         if directory.is_dir():
             found_files = _image_files(directory)
+            if training and not found_files:
+                raise ValueError(
+                    f"image folder {directory} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
             files += found_files
             labels += [label] * len(found_files)
     if not files:
@@ -419,36 +452,78 @@ def _decode_all(files: list[Path], channels: int, image_size: int) -> Tensor:
     return out
 
 
+FolderSplit = tuple[list[Path], Tensor]  # image files, int64 [N] labels
+
+
+def _take(split: FolderSplit, index: Tensor) -> FolderSplit:
+    files, labels = split
+    return [files[i] for i in index.tolist()], labels[index]
+
+
+def folder_files(root: Path, seed: int) -> tuple[dict[str, FolderSplit], list[str]]:
+    """The files and labels of each split of an image folder, without decoding anything.
+
+    Layouts:
+
+    * ``root/<class>/*``: 10% of each class for test, 10% for dev (stratified, seeded);
+    * ``root/train/<class>/*`` with ``root/test/...``, or ``root/val/...`` as the test split
+      when there is no ``test/`` (the ImageNet layout); the dev split is ``root/dev/...``, else
+      ``root/val/...`` when ``test/`` is the test split, else 10% of train (stratified, seeded).
+
+    Returns:
+        ``({"train" | "dev" | "test": (files, labels)}, classes)``; each split's files in sorted
+        class-then-name order (held-out splits: that order, subset).
+
+    Raises:
+        ValueError: missing folder, no class directories, a training class with no image, no
+            test split, or too few images to split (naming the path).
+    """
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    if not (root / "train").is_dir():
+        files, labels, classes = _class_tree(root, None)
+        held = max(1, round(len(files) * FOLDER_HOLDOUT))
+        if len(files) < 2 * held + 1:
+            raise ValueError(f"image folder {root} holds {len(files)} images: too few to split")
+        test, dev, train = hold_out_index(labels, [held, held], seed)
+        full = (files, labels)
+        return {
+            "train": _take(full, train),
+            "dev": _take(full, dev),
+            "test": _take(full, test),
+        }, classes
+    names = {d for d in ("test", "val", "dev") if (root / d).is_dir()}
+    test_name = "test" if "test" in names else "val" if "val" in names else None
+    if test_name is None:
+        raise ValueError(f"image folder {root} has train/ but no test/ (or val/) subfolder")
+    dev_name = (
+        "dev" if "dev" in names else "val" if test_name == "test" and "val" in names else None
+    )
+    train_files, train_labels, classes = _class_tree(root / "train", None)
+    splits = {"train": (train_files, train_labels)}
+    files, labels, _ = _class_tree(root / test_name, classes)
+    splits["test"] = (files, labels)
+    if dev_name is not None:
+        files, labels, _ = _class_tree(root / dev_name, classes)
+        splits["dev"] = (files, labels)
+    else:
+        held = max(1, round(len(train_files) * FOLDER_HOLDOUT))
+        dev, train = hold_out_index(train_labels, [held], seed)
+        splits["dev"], splits["train"] = _take(splits["train"], dev), _take(splits["train"], train)
+    return splits, classes
+
+
 def _load_folder(
     root: Path, seed: int, image_size: int
 ) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
-    if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist")
-    if (root / "train").is_dir():
-        if not (root / "test").is_dir():
-            raise ValueError(f"image folder {root} has train/ but no test/ subfolder")
-        tree = {"train": _class_tree(root / "train", None)}
-        classes = tree["train"][2]
-        for split in ("dev", "test"):
-            if (root / split).is_dir():
-                tree[split] = _class_tree(root / split, classes)
-        channels = 1 if all(_is_gray(f) for files, _, _ in tree.values() for f in files) else 3
-        sets = {
-            s: ImageDataset(_decode_all(files, channels, image_size), labels, classes)
-            for s, (files, labels, _) in tree.items()
-        }
-        if "dev" not in sets:
-            held = max(1, round(len(sets["train"]) * FOLDER_HOLDOUT))
-            sets["dev"], sets["train"] = _hold_out(sets["train"], [held], seed)
-        return sets["train"], sets["dev"], sets["test"]
-    files, labels, classes = _class_tree(root, None)
-    channels = 1 if all(_is_gray(f) for f in files) else 3
-    data = ImageDataset(_decode_all(files, channels, image_size), labels, classes)
-    held = max(1, round(len(data) * FOLDER_HOLDOUT))
-    if len(data) < 2 * held + 1:
-        raise ValueError(f"image folder {root} holds {len(data)} images: too few to split")
-    test, dev, train = _hold_out(data, [held, held], seed)
-    return train, dev, test
+    splits, classes = folder_files(root, seed)
+    # In memory, every header is read: the channel count is exact.
+    channels = 1 if all(_is_gray(f) for files, _ in splits.values() for f in files) else 3
+    sets = {
+        s: ImageDataset(_decode_all(files, channels, image_size), labels, classes)
+        for s, (files, labels) in splits.items()
+    }
+    return sets["train"], sets["dev"], sets["test"]
 
 
 def load_image(path: str | os.PathLike, input_size: tuple[int, int, int]) -> Tensor:
@@ -465,3 +540,183 @@ def load_image(path: str | os.PathLike, input_size: tuple[int, int, int]) -> Ten
     if not file.is_file():
         raise ValueError(f"image {file} does not exist")
     return _decode(file, c, (h, w)).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- streamed data sets
+
+# Streamed folders: the channel count comes from the headers of at most this many files (all of
+# them in a smaller folder, so it then agrees with the in-memory loader), and the mean/std from
+# at most this many decoded training images. Both seeded samples: seconds, not the hours that
+# reading every ImageNet header or pixel would take.
+STREAM_HEADER_SAMPLE = 2000
+STREAM_STATS_SAMPLE = 500
+
+
+@dataclass
+class StreamSplits:
+    """What the engine needs to stream a data set: one source per split, and its facts.
+
+    Attributes:
+        train, dev, test: :class:`cnnkit.data.streaming.FileSource` (folders) or
+            :class:`~cnnkit.data.streaming.TensorSource` (digits, CIFAR: decoded in memory).
+        channels: 1 or 3.
+        image_size: side of the served images.
+        mean, std: per-channel training statistics in [0, 1] units (folders: estimated from
+            ``stats_images`` training images, see :func:`stream_splits`).
+    """
+
+    train: FileSource | TensorSource
+    dev: FileSource | TensorSource
+    test: FileSource | TensorSource
+    classes: list[str]
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    spec: str
+    stats_images: int
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.channels, self.image_size, self.image_size
+
+    def dataset(self, split: str, *, train: bool, seed: int, **recipe: Any) -> StreamDataset:
+        """A :class:`~cnnkit.data.streaming.StreamDataset` of ``split`` (``recipe``: its
+        ``flip``, ``crop_padding``, ... arguments)."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+        return StreamDataset(
+            getattr(self, split), image_size=self.image_size, train=train, seed=seed, **recipe
+        )
+
+    def facts(self) -> dict[str, Any]:
+        """The ``data`` section of config.json (as :meth:`DataSplits.facts`, plus how)."""
+        return {
+            "spec": self.spec,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": list(self.input_size),
+            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
+            "stream": True,
+            "stats_images": self.stats_images,
+        }
+
+
+def _parse_spec(spec: str) -> tuple[str, str]:
+    kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if (kind == "digits" and not path) or (kind in ("cifar10", "cifar100", "folder") and path):
+        return kind, path
+    raise ValueError(
+        f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
+    )
+
+
+def _sample(n: int, k: int, seed: int) -> list[int]:
+    """``min(n, k)`` distinct indices of ``range(n)``, seeded, in increasing order."""
+    if n <= k:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def _sampled_channels(splits: dict[str, FolderSplit], seed: int) -> int:
+    """1 when every header of a seeded sample of the folder's files is single-channel, else 3.
+
+    A folder of at most :data:`STREAM_HEADER_SAMPLE` files has all its headers read (the same
+    answer as the in-memory loader). In a larger one, a few colour images among many grey ones
+    could be missed: they would then be served grey (never an error).
+    """
+    files = [f for split in SPLITS for f in splits[split][0]]
+    picked = _sample(len(files), STREAM_HEADER_SAMPLE, seed)
+    return 1 if all(_is_gray(files[i]) for i in picked) else 3
+
+
+def _sampled_stats(
+    source: FileSource, image_size: int, seed: int
+) -> tuple[list[float], list[float], int]:
+    """Mean/std of at most :data:`STREAM_STATS_SAMPLE` seeded training images, decoded with
+    the evaluation recipe (what the network sees, minus the crop jitter); unreadable ones are
+    skipped here (training reports them)."""
+    data = StreamDataset(source, image_size=image_size, train=False, seed=seed)
+    images = []
+    for i in _sample(len(source), STREAM_STATS_SAMPLE, seed):
+        sample = data[(0, i)]
+        if not isinstance(sample, Invalid):
+            images.append(sample[0])
+    if not images:
+        raise ValueError(
+            f"none of the sampled training images could be read ({source.path(0)}, ...)"
+        )
+    mean, std = channel_stats(torch.stack(images))
+    return mean, std, len(images)
+
+
+def folder_channels(root: Path, seed: int) -> tuple[dict[str, FolderSplit], list[str], int]:
+    """:func:`folder_files` and the channel count from a header sample (see
+    :func:`_sampled_channels`)."""
+    splits, classes = folder_files(root, seed)
+    return splits, classes, _sampled_channels(splits, seed)
+
+
+def choose_data_storage(
+    spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, force: str = "auto"
+) -> tuple[bool, str]:
+    """Stream ``spec`` or decode it into memory, and why (one line).
+
+    Digits and CIFAR are always in memory under ``"auto"`` (CIFAR-10 is 180 MB decoded, and
+    batch augmentation on the device is fastest); folders are listed (no decoding) and judged
+    by :func:`cnnkit.data.streaming.choose_streaming`.
+    """
+    kind, path = _parse_spec(spec)
+    if kind == "folder":
+        splits, _, channels = folder_channels(Path(path).expanduser(), seed)
+        n = sum(len(splits[s][0]) for s in SPLITS)
+        return choose_streaming(n, channels, image_size, force)
+    if force not in ("auto", "stream", "memory"):
+        raise ValueError(f"force={force!r}: expected auto, stream or memory")
+    if force == "auto":
+        return False, f"in memory: {kind} is always decoded into memory under auto"
+    return force == "stream", f"{force} (forced): {kind}"
+
+
+def stream_splits(
+    spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+) -> StreamSplits:
+    """The splits of ``spec`` ready for :class:`cnnkit.data.streaming.StreamDataset`.
+
+    Folders: the same files, labels and order per split as :func:`load_data` (one listing,
+    :func:`folder_files`), served as files; channels from a header sample; mean/std estimated
+    from a seeded sample of at most 500 training images decoded with the evaluation recipe
+    (so they differ slightly from the in-memory loader's exact ones). Digits and CIFAR: decoded
+    in memory by :func:`load_data` and served from the tensors (exact statistics).
+
+    Raises:
+        ValueError: as :func:`load_data`.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+        raise ValueError(f"image_size={image_size!r} must be an integer >= 4")
+    kind, path = _parse_spec(spec)
+    if kind != "folder":
+        d = load_data(spec, seed=seed, image_size=image_size)
+        sources = [TensorSource(s.images, s.labels) for s in (d.train, d.dev, d.test)]
+        c, h, _ = d.input_size
+        return StreamSplits(*sources, d.classes, c, h, d.mean, d.std, spec, len(d.train))
+    splits, classes, channels = folder_channels(Path(path).expanduser(), seed)
+    for name in SPLITS:
+        if len(splits[name][0]) == 0:
+            raise ValueError(f"--data {spec!r}: the {name} split is empty")
+    sources = {s: FileSource(*splits[s], channels) for s in SPLITS}
+    mean, std, counted = _sampled_stats(sources["train"], image_size, seed)
+    return StreamSplits(
+        sources["train"],
+        sources["dev"],
+        sources["test"],
+        classes,
+        channels,
+        image_size,
+        mean,
+        std,
+        spec,
+        counted,
+    )

@@ -1,4 +1,4 @@
-"""Saving and loading models and resume state, without ever running code from a file.
+"""Saving and loading models, without ever running code from a file.
 
 A saved model is a directory holding two files:
 
@@ -9,31 +9,25 @@ A saved model is a directory holding two files:
 * ``model.safetensors``: the state_dict. Tensors that share storage (tied weights) are stored
   once; the names of their aliases go in the file's metadata.
 
-The resume state (``last.ckpt``) is a ``torch.save`` of plain data (tensors, numbers, strings,
-lists, dicts) read back with ``torch.load(weights_only=True)``, which refuses any pickle that
-asks to import or call something.
-
-Every file is replaced atomically (write a temporary file in the same directory, fsync, rename
-over the final name, fsync the directory): a crash at any moment leaves either the previous
-file or the new one, never a partial file under the final name.
+Every file is replaced atomically (:mod:`cnnkit.atomic`): a crash at any moment leaves either
+the previous file or the new one, never a partial file under the final name. The resume state
+(``last.ckpt``) is :mod:`cnnkit.train.state`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import pickle
-import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# Both writers stay importable from here for code not yet moved to cnnkit.atomic.
+from cnnkit.atomic import _atomic_replace, atomic_write_bytes, atomic_write_text  # noqa: F401
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,68 +35,6 @@ WEIGHTS_NAME = "model.safetensors"
 ALIASES_KEY = "cnnkit_aliases"
 # Top-level config fields that describe the architecture; extra sections may not replace them.
 ARCH_FIELDS = ("name", "family", "builder", "kwargs")
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk; not every OS lets us
-    # open a directory (Windows), where the rename itself is the best we can do.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# A temporary file of ours older than this was left by a writer that was killed: remove it.
-STALE_TMP_SECONDS = 600
-
-
-def _remove_stale_tmp(directory: Path, name: str) -> None:
-    now = time.time()
-    for tmp in directory.glob(f".{name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-                tmp.unlink()
-
-
-def _atomic_replace(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(directory, path.name)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically (temporary file, fsync, rename, fsync dir)."""
-    _atomic_replace(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- config.json
@@ -380,55 +312,3 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"{weights_file}: {' '.join(str(err).split())}") from None
     return model.eval()
-
-
-# --------------------------------------------------------------------------- resume state
-
-
-def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write the resume state ``state`` (tensors, numbers, strings, lists, dicts) atomically.
-
-    ``torch.save`` to a temporary file beside ``path``, fsync, rename, fsync the directory: a
-    crash at any moment leaves the previous checkpoint intact under ``path``.
-    """
-    if not isinstance(state, dict):
-        raise TypeError(f"save_state: state must be a dict, not {type(state).__name__}")
-    _atomic_replace(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a resume state written by :func:`save_state` with ``torch.load(weights_only=True)``.
-
-    Only plain data is rebuilt: a pickle that asks to import or call anything (the way a
-    malicious file runs code) is refused before any of it runs.
-
-    Raises:
-        ValueError: "refusing to unpickle <file>: <why>" when the file is missing, truncated,
-            corrupt, not a dict, or carries anything but plain data.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"refusing to unpickle {file}: no such file")
-    try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to unpickle {file}: it holds more than plain data (tensors, numbers, "
-            f"strings, lists, dicts) and loading it could run code ({_unpickle_reason(err)})"
-        ) from None
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged archives
-        why = " ".join(str(err).split()[:40]) or type(err).__name__
-        raise ValueError(f"refusing to unpickle {file}: truncated or corrupt ({why})") from None
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"refusing to unpickle {file}: expected a dict, found {type(state).__name__}"
-        )
-    return state
-
-
-def _unpickle_reason(err: Exception) -> str:
-    # torch's message opens with advice to retry with weights_only=False, which is exactly
-    # what must not be done with a file from elsewhere: keep only the line naming the culprit.
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    culprit = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return " ".join((culprit or lines[-1:] or [type(err).__name__])[0].split())

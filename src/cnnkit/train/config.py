@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "fp32", "bf16")
 TOGGLES = ("auto", "on", "off")
+STORAGES = ("auto", "stream", "memory")
 CIFAR_CROP_PADDING = 4
 DIGITS_CROP_PADDING = 2
 # Label smoothing on the digits: 0.1 took ResNet-20 from 99.00% to 99.33-100% test accuracy over
@@ -54,6 +55,9 @@ class TrainConfig:
     image_size: int = 32
     in_chans: int | None = None
     train_subset: int | None = None
+    storage: str = "auto"
+    workers: int | None = None
+    skip_invalid: bool = False
     precision: str = "auto"
     channels_last: str = "auto"
     compile: str = "auto"
@@ -63,6 +67,7 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     out: str | None = None
+    save_every: int | None = None
     quiet: bool = False
     tensorboard: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +84,7 @@ class TrainConfig:
 
     def _validate_counts(self) -> None:
         """Integer options must be positive integers (the optional ones when given)."""
-        optional = ("train_subset", "threads", "in_chans", "norm_groups")
+        optional = ("train_subset", "threads", "in_chans", "norm_groups", "save_every")
         for name in ("epochs", "batch_size", "lr_batch", "image_size", *optional):
             value = getattr(self, name)
             if value is None and name in optional:
@@ -110,6 +115,10 @@ class TrainConfig:
                 )
         if self.cutout < 0 or (self.crop_padding is not None and self.crop_padding < 0):
             raise ValueError("--cutout and --crop-padding must be >= 0")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
+        ):
+            raise ValueError(f"--workers must be an integer >= 0, got {self.workers!r}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("--nesterov needs a non-zero --momentum")
 
@@ -122,6 +131,7 @@ class TrainConfig:
             "channels_last": TOGGLES,
             "compile": TOGGLES,
             "flip": TOGGLES,
+            "storage": STORAGES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

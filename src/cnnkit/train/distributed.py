@@ -7,14 +7,17 @@ machines: the same command on each with ``--nnodes``, ``--node_rank`` and
 CPU); DistributedDataParallel averages gradients over ranks in the backward pass, so every
 replica takes the same optimizer step.
 
-The data stays in memory in every process; :func:`shard_indices` gives each rank a disjoint
-shard of a per-epoch permutation, as ``torch.utils.data.DistributedSampler`` does.
+Each rank trains on a disjoint shard of a per-epoch permutation
+(:func:`cnnkit.data.streaming.shard_order`, as ``torch.utils.data.DistributedSampler``), and
+evaluates a contiguous share of a split (:func:`eval_shard`); :class:`Reduce` combines the
+shares' results.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,31 +84,27 @@ def shutdown(ctx: DistContext, *, synchronize: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def shard_indices(
-    n: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
-) -> Tensor:
-    """This rank's sample indices for ``epoch``, as DistributedSampler (``drop_last=False``).
-
-    The permutation of ``range(n)`` is seeded by ``seed + epoch`` (identical on every rank, and
-    reproducible after a resume), padded by wrapping around to a multiple of ``world_size``,
-    and dealt out: rank ``r`` takes positions ``r, r + W, r + 2W, ...``. Shards are disjoint
-    (except the at most ``W - 1`` padding repeats) and together cover every sample.
-    """
-    if shuffle:
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.arange(n)
-    total = -(-n // world_size) * world_size
-    if total > n:
-        order = torch.cat([order, order[: total - n]])
-    return order[rank::world_size]
-
-
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
     """A contiguous, disjoint share of ``range(n)`` for evaluation (no padding: exact sums)."""
     per = -(-n // world_size)
     return slice(min(rank * per, n), min((rank + 1) * per, n))
+
+
+class Reduce:
+    """Combines the ranks' partial evaluation results (:class:`cnnkit.train.task.Reducer`)."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+
+    def sum(self, values: Tensor) -> Tensor:
+        return all_reduce_sum(values, self.ctx)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.ctx.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from cnnkit.train.checkpoint import atomic_write_text
+from cnnkit.atomic import atomic_write_text
+from cnnkit.records import check_record, series
 
 JSONL_NAME = "history.jsonl"
 CSV_NAME = "history.csv"
@@ -36,36 +36,6 @@ STANDARD_KEYS = (
     "images_per_second",
     "epoch_seconds",
 )
-
-
-def _plain(value: Any, key: str) -> Any:
-    """JSON-ready scalar: tensors and NumPy scalars become Python numbers."""
-    if hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"history record field {key!r}: {type(value).__name__} is not a scalar")
-
-
-def _check_record(record: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise TypeError(f"history record must be a dict, not {type(record).__name__}")
-    out = {str(k): _plain(v, str(k)) for k, v in record.items()}
-    epoch = out.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        raise ValueError(f"history record field 'epoch' must be an integer >= 1, got {epoch!r}")
-    return out
-
-
-def series(records: list[dict[str, Any]], key: str) -> list[float]:
-    """``records[i][key]`` as floats, NaN where a record lacks it or holds a non-finite or
-    non-numeric value (plots leave a gap there; the diagnosis skips it)."""
-    out = []
-    for record in records:
-        value = record.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        out.append(float(value) if number and math.isfinite(value) else math.nan)
-    return out
 
 
 class History:
@@ -95,7 +65,7 @@ class History:
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one epoch's record: append (and fsync) a line to the jsonl, rewrite the csv."""
-        record = _check_record(record)
+        record = check_record(record)
         if self.records and record["epoch"] <= self.records[-1]["epoch"]:
             raise ValueError(
                 f"history record epoch {record['epoch']} does not follow epoch "
@@ -137,7 +107,7 @@ class History:
                 continue
             last = number == len(lines)
             try:
-                record = _check_record(json.loads(line))
+                record = check_record(json.loads(line))
                 if history.records and record["epoch"] <= history.records[-1]["epoch"]:
                     raise ValueError(f"epoch {record['epoch']} is out of order")
             except (json.JSONDecodeError, TypeError, ValueError) as err:
@@ -163,7 +133,7 @@ class History:
         self._rewrite_csv()
 
     def column(self, key: str) -> list[float]:
-        """The values of ``key`` over epochs (see :func:`series`)."""
+        """The values of ``key`` over epochs (see :func:`cnnkit.records.series`)."""
         return series(self.records, key)
 
     def _rewrite_jsonl(self) -> None:

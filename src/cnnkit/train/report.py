@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cnnkit.train.checkpoint import atomic_write_text
+from cnnkit.atomic import atomic_write_text
 from cnnkit.train.diagnose import Diagnosis
 
 REPORT_NAME = "report.md"

@@ -1,4 +1,5 @@
-"""The training loop: LR rules, schedules, optimizer groups, hardware choices, a tiny run."""
+"""The engine with the classification task: LR rules, schedules, optimizer groups, hardware
+choices, a tiny run, divergence."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ import torch
 from torch import nn
 
 from cnnkit.data.classification import DataSplits, load_data
-from cnnkit.train.checkpoint import load_state
+from cnnkit.train.classification import ClassificationTask, predict_logits
 from cnnkit.train.config import TrainConfig, effective_lr, parse_dropblock
 from cnnkit.train.device import resolve_channels_last, resolve_precision
-from cnnkit.train.loop import Trainer, TrainingDiverged, predict_logits
+from cnnkit.train.engine import Engine, TrainingDiverged
 from cnnkit.train.optim import LRSchedule, param_groups
+from cnnkit.train.state import load_state
 
 TINY = {"depth": 8, "widths": [8, 16, 32]}
+
+
+def Trainer(cfg: TrainConfig, *, data: DataSplits, run_dir) -> Engine:  # noqa: N802
+    """The engine driving the classification task on ``data``."""
+    return Engine(cfg, ClassificationTask(cfg, data=data), run_dir=run_dir)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -179,14 +186,14 @@ def test_dropblock_is_ramped(digits16, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits16, tmp_path):
     trainer = Trainer(tiny_config(epochs=3), data=digits16, run_dir=tmp_path)
-    augment = trainer.augment
+    augment = trainer.task.augment
     poison_at = trainer.steps_per_epoch + 1  # the second step of epoch 2
 
     def poisoned(x, *, train, generator=None):
         out = augment(x, train=train, generator=generator)
-        return out * float("nan") if train and trainer.global_step == poison_at else out
+        return out * float("nan") if train and trainer.state.global_step == poison_at else out
 
-    trainer.augment = poisoned
+    trainer.task.augment = poisoned
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2.*last.ckpt \(epoch 1\)"):
         trainer.fit()
     state = load_state(tmp_path / "last.ckpt")

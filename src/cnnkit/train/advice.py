@@ -1,0 +1,125 @@
+"""The concrete next steps a diagnosis gives: flags and models to try, from the run's config.
+
+Each function turns a finding of :mod:`cnnkit.train.diagnose` into advice that names the
+command-line flags of ``cnnkit train`` with values, and the current values where the config
+records them, so the advice can be followed as written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Bigger models of the registry to suggest for underfitting: deeper first, then wider.
+CAPACITY_LADDER = {
+    "resnet20": ("resnet56", "wrn16_8"),
+    "resnet32": ("resnet56", "wrn16_8"),
+    "resnet44": ("resnet110", "wrn16_8"),
+    "resnet56": ("resnet110", "wrn28_10"),
+    "resnet110": ("wrn28_10", "pyramidnet110_a270"),
+    "wrn16_8": ("wrn28_10",),
+    "wrn40_4": ("wrn28_10",),
+    "densenet_bc_100_12": ("densenet_bc_250_24", "wrn28_10"),
+    "densenet_bc_250_24": ("densenet_bc_190_40",),
+    "pyramidnet110_a48": ("pyramidnet110_a270", "wrn28_10"),
+    "resnext29_8x64d": ("resnext29_16x64d",),
+    "resnet18": ("resnet50", "wide_resnet50_2"),
+    "resnet34": ("resnet50", "wide_resnet50_2"),
+    "resnet50": ("resnet101", "wide_resnet50_2"),
+    "resnet101": ("resnet152", "wide_resnet101_2"),
+}
+DEFAULT_BIGGER = ("resnet56", "wrn16_8")
+
+LEARNING_RATE_ADVICE = (
+    "Check the learning rate (--lr): too low and the loss crawls, too high and it stalls high."
+)
+
+
+def train_args(config: dict | None) -> dict:
+    """The ``train`` section of a run's config (the training arguments), ``{}`` if absent."""
+    train = (config or {}).get("train")
+    return train if isinstance(train, dict) else {}
+
+
+def _arg(train: dict, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if train.get(name) is not None:
+            return train[name]
+    return default
+
+
+def epochs_advice(n: int, train: dict, min_epochs: int) -> str:
+    """Train longer: twice the planned epochs (at least twice ``min_epochs``, for a short run)."""
+    planned = _arg(train, "epochs", default=n)
+    planned = planned if isinstance(planned, int) and planned > 0 else n
+    more = max(2 * planned, 2 * min_epochs) if n < min_epochs else 2 * planned
+    return (
+        f"Train longer: --epochs {more} (this run: {planned}). The learning-rate "
+        "schedule spans the whole run, so start a new run with more epochs rather than "
+        "resuming this one."
+    )
+
+
+def _bigger_models(config: dict | None) -> tuple[str, ...]:
+    name = (config or {}).get("name")
+    candidates = CAPACITY_LADDER.get(name, DEFAULT_BIGGER) if isinstance(name, str) else None
+    candidates = candidates or DEFAULT_BIGGER
+    try:
+        from cnnkit.models.registry import list_models
+
+        known = set(list_models())
+    except Exception:  # the advice must not fail because a model family failed to import
+        return candidates
+    return tuple(m for m in candidates if m in known) or tuple(m for m in DEFAULT_BIGGER)
+
+
+def capacity_advice(config: dict | None) -> str:
+    """More capacity: the next models up the :data:`CAPACITY_LADDER` that are registered."""
+    name = (config or {}).get("name") or "the current model"
+    bigger = " or ".join(f"--model {m}" for m in _bigger_models(config))
+    return f"More capacity: a deeper or wider model, e.g. {bigger} instead of {name}."
+
+
+def less_regularization(train: dict) -> str | None:
+    """Weaken the regularizers this run had switched on; None if it had none."""
+    active = []
+    for flag, names in (
+        ("--drop-path", ("drop_path", "drop_path_rate")),
+        ("--dropblock", ("dropblock", "drop_block")),
+        ("--dropout", ("dropout",)),
+        ("--cutout", ("cutout",)),
+        ("--label-smoothing", ("label_smoothing",)),
+    ):
+        value = _arg(train, *names)
+        if value not in (None, 0, 0.0, "", "0", False):
+            active.append(f"{flag} {value}")
+    if not active:
+        return None
+    return f"Regularization is working against fitting: weaken or drop {', '.join(active)}."
+
+
+def regularization_advice(config: dict | None) -> list[str]:
+    """Stronger regularization with values sized to the data, and the current values."""
+    train = train_args(config)
+    data = (config or {}).get("data") or {}
+    size = data.get("input_size") if isinstance(data, dict) else None
+    height = size[1] if isinstance(size, list) and len(size) == 3 else 32
+    classes = data.get("classes") if isinstance(data, dict) else None
+    many = isinstance(classes, list) and len(classes) > 10
+    # Cutout's paper: 16 px on CIFAR-10, 8 px on CIFAR-100 (32 px images).
+    cutout = max(2, height // 4 if many else height // 2)
+    resolved = train.get("resolved") if isinstance(train.get("resolved"), dict) else {}
+    wd = _arg(train, "weight_decay") or resolved.get("weight_decay")
+    wd_text = f"--weight-decay {2 * wd:g} (now {wd:g})" if wd else "--weight-decay 5e-4"
+
+    def now(names: tuple[str, ...]) -> str:
+        value = _arg(train, *names)
+        return f" (now {value})" if value not in (None, 0, 0.0, "") else ""
+
+    return [
+        f"Stronger regularization: {wd_text}; stochastic depth --drop-path 0.1 to 0.2"
+        f"{now(('drop_path', 'drop_path_rate'))}; --dropblock 0.1:3"
+        f"{now(('dropblock', 'drop_block'))}; --cutout {cutout}{now(('cutout',))}; "
+        f"--dropout 0.3{now(('dropout',))}; --label-smoothing 0.1"
+        f"{now(('label_smoothing',))}.",
+        "More data or stronger augmentation, which regularizes without shrinking the model.",
+    ]

@@ -1,0 +1,286 @@
+"""Image classification as a task of the training engine (:mod:`cnnkit.train.task`).
+
+The data either lives on the training device as uint8 tensors, augmented a whole batch at a time
+(:class:`cnnkit.data.transforms.BatchAugment`: the fastest path for digits, CIFAR and small
+folders), or streams from disk through DataLoader workers that decode and augment each image
+(:mod:`cnnkit.data.streaming`: folders too large to decode up front, ImageNet's layout). Which
+one is chosen from the decoded size (``--stream`` / ``--in-memory`` force either). Both visit
+the same samples in the same order: batch ``b`` of rank ``r`` in epoch ``e`` is slice ``b`` of
+:func:`cnnkit.data.streaming.shard_order` either way.
+
+The loss is the cross-entropy (with label smoothing where configured); the primary metric is
+the accuracy, the history also records the loss of each split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnkit.data.classification import DataSplits, ImageDataset, load_data, stratified_order
+from cnnkit.data.streaming import ShardBatchSampler
+from cnnkit.data.transforms import BatchAugment
+from cnnkit.train.config import (
+    TrainConfig,
+    parse_dropblock,
+    resolve_crop_padding,
+    resolve_flip,
+    resolve_label_smoothing,
+)
+from cnnkit.train.device import autocast
+from cnnkit.train.distributed import eval_shard
+from cnnkit.train.rng import stream_seed
+from cnnkit.train.task import Metric, Reducer, Runtime, StepOutput
+
+EVAL_BATCH = 512
+# The augmentation stream of a step, apart from the global generators' stream of the same step.
+_AUGMENT_STREAM = 1
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Tensor:
+    """Logits ``float32 [N, K]`` of ``images`` (``uint8 [N, C, H, W]`` or float in [0, 1]).
+
+    The model runs in eval mode without gradients, normalized by the training statistics.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    device = torch.device(device)
+    prep = BatchAugment(mean, std, crop_padding=0, flip=False)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = []
+        for start in range(0, images.shape[0], batch_size):
+            x = prep(images[start : start + batch_size].to(device), train=False)
+            with autocast(device, precision):
+                outs.append(model(x).float().cpu())
+        k = getattr(model, "num_classes", None)
+        return torch.cat(outs) if outs else torch.empty(0, k or 0)
+    finally:
+        model.train(was_training)
+
+
+def model_overrides(cfg: TrainConfig, channels: int, num_classes: int, spec: str) -> dict[str, Any]:
+    """Constructor arguments for ``cfg.model`` from the data and the regularizer flags.
+
+    A flag the architecture does not take is a ValueError naming both.
+    """
+    from cnnkit.models.registry import model_info
+
+    info = model_info(cfg.model)
+    if cfg.in_chans is not None and cfg.in_chans != channels:
+        raise ValueError(
+            f"--in-chans {cfg.in_chans} does not match --data {spec}, whose images have "
+            f"{channels} channel(s)"
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": channels}
+    drop_block, drop_block_size = parse_dropblock(cfg.dropblock)
+    flags = {
+        "--norm": ("norm", cfg.norm),
+        "--norm-groups": ("norm_groups", cfg.norm_groups),
+        "--drop-path": ("drop_path_rate", cfg.drop_path or None),
+        "--dropout": ("dropout", cfg.dropout or None),
+        "--dropblock": ("drop_block", drop_block or None),
+        "--dropblock SIZE": ("drop_block_size", drop_block_size),
+    }
+    accepted = inspect.signature(info.builder).parameters
+    for flag, (name, value) in flags.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"{flag} is not supported by model {cfg.model!r}")
+        kwargs[name] = value
+    for name, value in cfg.model_args.items():
+        if name not in accepted:
+            raise ValueError(f"--model-arg {name}: model {cfg.model!r} has no such argument")
+        kwargs[name] = value
+    return kwargs
+
+
+def _subset(data: DataSplits, cfg: TrainConfig) -> DataSplits:
+    """``data`` with its training split cut to ``--train-subset`` images (stratified)."""
+    if cfg.train_subset is None or cfg.train_subset >= len(data.train):
+        return data
+    order = stratified_order(data.train.labels, cfg.seed)
+    keep = order[: cfg.train_subset].sort().values
+    return dataclasses.replace(data, train=data.train.subset(keep))
+
+
+class ClassificationTask:
+    """Classify images into ``classes``: cross-entropy, accuracy (see the module docstring).
+
+    Args:
+        cfg: the training arguments (data, model, augmentation, regularization).
+        data: data already in memory (default: read ``cfg.data`` in :meth:`setup`).
+    """
+
+    metric = Metric("accuracy", higher_is_better=True)
+
+    def __init__(self, cfg: TrainConfig, data: DataSplits | None = None) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.stream = None
+        self.flip = resolve_flip(cfg)
+        self.crop_padding = resolve_crop_padding(cfg)
+        self.label_smoothing = resolve_label_smoothing(cfg)
+        self.storage_note = ""
+
+    # ------------------------------------------------------------------ data
+
+    def setup(self, runtime: Runtime) -> None:
+        cfg = self.cfg
+        self.runtime = runtime
+        if self.data is None:
+            from cnnkit.train.streamed import StreamedData, wants_stream
+
+            stream, self.storage_note = wants_stream(cfg)
+            if stream:
+                self.stream = StreamedData(cfg, runtime, self.crop_padding, self.flip)
+                self.storage_note += f"; {self.stream.describe()}"
+            else:
+                self.data = load_data(cfg.data, image_size=cfg.image_size)
+        if self.data is not None:
+            self.data = _subset(self.data, cfg)
+            self.mean, self.std = self.data.mean, self.data.std
+            self.classes, self.input_size = self.data.classes, self.data.input_size
+            self.sizes = {s: len(getattr(self.data, s)) for s in ("train", "dev", "test")}
+        else:
+            s = self.stream
+            self.mean, self.std = s.mean, s.std
+            self.classes, self.input_size, self.sizes = s.classes, s.input_size, s.sizes
+        # Streamed images come augmented from the workers: the batch step only normalizes
+        # (and applies Cutout, which needs the normalized values).
+        streamed = self.stream is not None
+        self.augment = BatchAugment(
+            self.mean,
+            self.std,
+            crop_padding=0 if streamed else self.crop_padding,
+            flip=self.flip and not streamed,
+            cutout_size=cfg.cutout,
+            channels_last=runtime.channels_last,
+        )
+        if not streamed:
+            # The whole (uint8) training set lives on the device: a batch is one gather.
+            self.train_x = self.data.train.images.to(runtime.device)
+            self.train_y = self.data.train.labels.to(runtime.device)
+
+    def build_model(self) -> nn.Module:
+        from cnnkit.models.registry import create_model
+
+        channels, classes = self.input_size[0], len(self.classes)
+        kwargs = model_overrides(self.cfg, channels, classes, self.cfg.data)
+        return create_model(self.cfg.model, **kwargs)
+
+    def train_size(self) -> int:
+        return self.sizes["train"]
+
+    def train_batches(self, sampler: ShardBatchSampler) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalized, augmented ``float [B, C, H, W]`` batches and their ``int64 [B]`` labels."""
+        if self.stream is not None:
+            yield from self._streamed_batches(sampler)
+            return
+        device, gen = self.runtime.device, torch.Generator(device=self.runtime.device)
+        for step, batch in enumerate(sampler, sampler.start):
+            index = torch.tensor([i for _, i in batch], device=device)
+            gen.manual_seed(stream_seed(self.cfg.seed, sampler.epoch, sampler.rank, step, 1))
+            yield self.augment(self.train_x[index], train=True, generator=gen), self.train_y[index]
+
+    def _streamed_batches(self, sampler: ShardBatchSampler) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator(device=self.runtime.device)
+        for step, (images, labels) in enumerate(self.stream.train_loader(sampler), sampler.start):
+            gen.manual_seed(stream_seed(self.cfg.seed, sampler.epoch, sampler.rank, step, 1))
+            yield self.augment(images, train=True, generator=gen), labels
+
+    # ------------------------------------------------------------------ steps and metrics
+
+    def train_step(self, net: nn.Module, batch: tuple[Tensor, Tensor]) -> StepOutput:
+        x, y = batch
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return StepOutput(
+            {"loss": loss}, int(y.shape[0]), {"accuracy": (logits.argmax(1) == y).sum()}
+        )
+
+    def _eval_batches(self, split: str, rank: int, world: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's contiguous share of ``split``, as ``(uint8 images, labels)`` batches."""
+        if self.stream is not None:
+            yield from self.stream.eval_loader(split, rank, world, EVAL_BATCH)
+            return
+        data: ImageDataset = getattr(self.data, split)
+        share = eval_shard(len(data), rank, world)
+        images, labels = data.images[share], data.labels[share]
+        for start in range(0, len(labels), EVAL_BATCH):
+            end = start + EVAL_BATCH
+            yield (
+                images[start:end].to(self.runtime.device),
+                labels[start:end].to(self.runtime.device),
+            )
+
+    def evaluate(self, model: nn.Module, split: str, reduce: Reducer) -> dict[str, float]:
+        """Mean cross-entropy (without smoothing) and accuracy on ``split``."""
+        ctx = self.runtime.dist
+        sums = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
+        for images, y in self._eval_batches(split, ctx.rank, ctx.world_size):
+            logits = model(self.augment(images, train=False)).float()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum")
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += y.shape[0]
+        loss, correct, count = reduce.sum(sums).tolist()
+        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    # ------------------------------------------------------------------ the run's words and files
+
+    def describe(self) -> str:
+        c, h, w = self.input_size
+        sizes = self.sizes
+        line = (
+            f"{self.cfg.data}: {sizes['train']} train / {sizes['dev']} dev / {sizes['test']} test "
+            f"images {c}x{h}x{w}, {len(self.classes)} classes"
+        )
+        return f"{line}\n{self.storage_note}" if self.storage_note else line
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "spec": self.data.spec if self.data is not None else self.cfg.data,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": list(self.input_size),
+            "sizes": dict(self.sizes),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "crop_padding": self.crop_padding,
+            "label_smoothing": self.label_smoothing,
+            "flip": self.flip,
+            "storage": "stream" if self.stream is not None else "memory",
+        }
+
+    def summary(self, test: dict[str, float]) -> str:
+        line = f"test accuracy {test['accuracy']:.2%} (loss {test['loss']:.4f})"
+        if self.stream is not None and self.stream.skipped:
+            line += f"; {self.stream.skipped} unreadable image(s) skipped (--skip-invalid)"
+        return line
+
+    def finish(self, run_dir: Path, metrics: dict[str, Any]) -> None:
+        """Classification writes nothing beyond the engine's files."""
