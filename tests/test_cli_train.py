@@ -90,3 +90,28 @@ def test_usage_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert err.count("\n") == 1 and "--lr" in err and "cnnkit train --help" in err
+
+
+def _folder_with_a_corrupt_jpeg(root):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(12):
+            pixels = (rng.random((20, 24, 3)) * 100 + 100 * c).astype(np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.jpg", quality=90)
+    bad = root / "1" / "5.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # cut short: the header reads, the pixels do not
+    return bad
+
+
+def test_corrupt_jpeg_in_a_streamed_folder_names_it_or_is_skipped(capsys, tmp_path):
+    bad = _folder_with_a_corrupt_jpeg(tmp_path / "data")
+    argv = ["train", "--data", f"folder:{tmp_path / 'data'}", "--stream", "--workers", "1",
+            "--epochs", "2", "--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]",
+            "--image-size", "16", "--batch-size", "8", "--quiet", "--threads", "1", "--out"]  # fmt: skip
+    _fails(capsys, [*argv, str(tmp_path / "a")], re.escape(str(bad)))
+    assert main([*argv, str(tmp_path / "b"), "--skip-invalid"]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out

@@ -286,5 +286,13 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if not history.records:
         raise ValueError(f"{history.jsonl_path}: no epochs recorded yet")
     config = read_config(run_dir) if (run_dir / "config.json").is_file() else None
-    print(diagnose(history.records, config))
+    resolved = ((config or {}).get("train") or {}).get("resolved") or {}
+    metric = resolved.get("metric", "accuracy")
+    higher = resolved.get("higher_is_better", True)
+    if not isinstance(metric, str) or not isinstance(higher, bool):
+        raise ValueError(
+            f"{run_dir / 'config.json'}: train.resolved.metric must be a name and "
+            "train.resolved.higher_is_better true or false"
+        )
+    print(diagnose(history.records, config, metric=metric, higher_is_better=higher))
     return 0

@@ -279,7 +279,7 @@ class ClassificationTask:
     def summary(self, test: dict[str, float]) -> str:
         line = f"test accuracy {test['accuracy']:.2%} (loss {test['loss']:.4f})"
         if self.stream is not None and self.stream.skipped:
-            line += f"; {self.stream.skipped} unreadable image(s) skipped (--skip-invalid)"
+            line += f"; {len(self.stream.skipped)} unreadable image(s) skipped (--skip-invalid)"
         return line
 
     def finish(self, run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from cnnkit.train import distributed as D
 from cnnkit.train.config import TrainConfig, effective_lr, parse_dropblock
+from cnnkit.train.describe import describe, train_section
 from cnnkit.train.device import (
     autocast,
     cpu_has_fast_bf16,
@@ -312,48 +313,12 @@ class Engine:
         save_model(self.model, self.run_dir, data=self.task.facts(), train=self.train_section())
 
     def train_section(self) -> dict[str, Any]:
-        """config.json's ``train`` section: the arguments, and what they resolved to."""
-        values = self.cfg.to_dict()
-        values["out"] = str(self.run_dir)
-        values["threads"] = torch.get_num_threads() if self.cfg.deterministic else values["threads"]
-        values["resolved"] = {
-            "device": str(self.device),
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "compile": self.use_compile,
-            "lr": self.lr,
-            "global_batch": self.world_batch,
-            "world_size": self.ctx.world_size,
-            "weight_decay": self.cfg.decay,
-            "steps_per_epoch": self.steps_per_epoch,
-            **self.task.settings(),
-        }
-        return values
+        return train_section(self)
 
     # ------------------------------------------------------------------ the run
 
     def describe(self) -> str:
-        from cnnkit.models.registry import count_parameters
-
-        cfg = self.cfg
-        lines = [
-            f"model {cfg.model} ({count_parameters(self.model):,} parameters) on "
-            f"{self.task.describe()}",
-            f"device {self.device}, precision {self.precision}, "
-            f"{'channels_last' if self.channels_last else 'NCHW'}, "
-            f"{'compiled' if self.use_compile else 'eager'}"
-            + (
-                f", {self.ctx.world_size} processes ({self.ctx.backend})"
-                if self.ctx.enabled
-                else ""
-            )
-            + f", {torch.get_num_threads()} thread(s)",
-            f"{cfg.optimizer} {cfg.schedule} schedule, {cfg.epochs} epochs x "
-            f"{self.steps_per_epoch} steps, batch {self.world_batch}; effective lr "
-            f"{self.lr:.4g} = {cfg.base_lr:g} x {self.world_batch} / {cfg.lr_batch} "
-            f"(linear scaling rule), warmup {cfg.warmup_epochs:g} epoch(s)",
-        ]
-        return "\n".join(lines)
+        return describe(self)
 
     @property
     def history(self):
@@ -438,15 +403,3 @@ class Engine:
             self.net = self.step_net = self.model = self.optimizer = None
             gc.collect()
         D.shutdown(self.ctx, synchronize=not failed)
-
-
-def run_engine(cfg: TrainConfig, task: Task, **kwargs: Any) -> dict[str, Any]:
-    """Build an :class:`Engine`, run it, release the process group."""
-    engine = Engine(cfg, task, **kwargs)
-    try:
-        metrics = engine.fit()
-    except BaseException:
-        engine.close(failed=True)
-        raise
-    engine.close()
-    return metrics

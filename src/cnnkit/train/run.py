@@ -7,7 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.train.config import TrainConfig
-from cnnkit.train.engine import CHECKPOINT_NAME, run_engine
+from cnnkit.train.engine import CHECKPOINT_NAME, Engine
+from cnnkit.train.task import Task
+
+
+def run_engine(cfg: TrainConfig, task: Task, **kwargs: Any) -> dict[str, Any]:
+    """Build an :class:`Engine`, run it, release the process group."""
+    engine = Engine(cfg, task, **kwargs)
+    try:
+        metrics = engine.fit()
+    except BaseException:
+        engine.close(failed=True)
+        raise
+    engine.close()
+    return metrics
 
 
 def make_task(cfg: TrainConfig, **kwargs: Any):

@@ -75,7 +75,7 @@ class StreamedData:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.workers = cfg.workers if cfg.workers is not None else default_workers(local)
         self.pin = runtime.device.type == "cuda"
-        self.skipped = 0
+        self.skipped: set[str] = set()  # each unreadable file once, whatever the epochs
         self._train_loader = None
 
     def describe(self) -> str:
@@ -89,7 +89,7 @@ class StreamedData:
                     f"cannot read image {batch.invalid[0]} (--skip-invalid drops unreadable "
                     "images and reports how many)"
                 )
-            self.skipped += len(batch.invalid)
+            self.skipped.update(batch.invalid)
         if len(batch) == 0:
             raise ValueError(f"no image of a batch could be read: {batch.invalid[0]}, ...")
         device = self.runtime.device
