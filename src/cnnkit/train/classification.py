@@ -39,7 +39,8 @@ from cnnkit.train.distributed import eval_shard
 from cnnkit.train.rng import stream_seed
 from cnnkit.train.task import Metric, Reducer, Runtime, StepOutput
 
-EVAL_BATCH = 512
+# Evaluation batches: twice the training batch (no activations are kept), at most this many.
+MAX_EVAL_BATCH = 512
 # The augmentation stream of a step, apart from the global generators' stream of the same step.
 _AUGMENT_STREAM = 1
 
@@ -143,6 +144,7 @@ class ClassificationTask:
         self.crop_padding = resolve_crop_padding(cfg)
         self.label_smoothing = resolve_label_smoothing(cfg)
         self.storage_note = ""
+        self.eval_batch = min(MAX_EVAL_BATCH, 2 * cfg.batch_size)
 
     # ------------------------------------------------------------------ data
 
@@ -223,13 +225,13 @@ class ClassificationTask:
     def _eval_batches(self, split: str, rank: int, world: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's contiguous share of ``split``, as ``(uint8 images, labels)`` batches."""
         if self.stream is not None:
-            yield from self.stream.eval_loader(split, rank, world, EVAL_BATCH)
+            yield from self.stream.eval_loader(split, rank, world, self.eval_batch)
             return
         data: ImageDataset = getattr(self.data, split)
         share = eval_shard(len(data), rank, world)
         images, labels = data.images[share], data.labels[share]
-        for start in range(0, len(labels), EVAL_BATCH):
-            end = start + EVAL_BATCH
+        for start in range(0, len(labels), self.eval_batch):
+            end = start + self.eval_batch
             yield (
                 images[start:end].to(self.runtime.device),
                 labels[start:end].to(self.runtime.device),
@@ -259,14 +261,21 @@ class ClassificationTask:
         return f"{line}\n{self.storage_note}" if self.storage_note else line
 
     def facts(self) -> dict[str, Any]:
-        return {
+        """config.json's ``data`` section; a streamed folder adds ``eval_crop_fraction``: its
+        images are evaluated resized (shorter side ``S / fraction``) and centre-cropped, not
+        squashed to ``S x S``, and ``cnnkit evaluate`` / ``predict`` must do the same."""
+        facts = {
             "spec": self.data.spec if self.data is not None else self.cfg.data,
             "classes": list(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
             "input_size": list(self.input_size),
             "sizes": dict(self.sizes),
+            "storage": "stream" if self.stream is not None else "memory",
         }
+        if self.stream is not None and self.stream.crop_fraction is not None:
+            facts["eval_crop_fraction"] = self.stream.crop_fraction
+        return facts
 
     def settings(self) -> dict[str, Any]:
         return {

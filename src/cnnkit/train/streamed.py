@@ -17,8 +17,10 @@ from torch.utils.data import Dataset
 
 from cnnkit.data.classification import choose_data_storage, stratified_order, stream_splits
 from cnnkit.data.streaming import (
+    EVAL_CROP_FRACTION,
     Batch,
     EvalBatchSampler,
+    FileSource,
     ShardBatchSampler,
     default_workers,
     stream_loader,
@@ -63,6 +65,8 @@ class StreamedData:
         splits = stream_splits(cfg.data, image_size=cfg.image_size)
         self.classes, self.input_size = splits.classes, splits.input_size
         self.mean, self.std = splits.mean, splits.std
+        # Files are evaluated resized and centre-cropped; in-memory tensors as they are.
+        self.crop_fraction = EVAL_CROP_FRACTION if isinstance(splits.train, FileSource) else None
         recipe = {"flip": flip, "crop_padding": crop_padding}
         train = splits.dataset("train", train=True, seed=cfg.seed, **recipe)
         if cfg.train_subset is not None and cfg.train_subset < len(train):
