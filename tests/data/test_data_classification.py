@@ -269,6 +269,41 @@ def test_load_image_converts_and_resizes(tmp_path):
         load_image(tmp_path / "nope.png", (3, 32, 32))
 
 
+def test_load_image_with_crop_fraction_is_the_streamed_evaluation_crop(tmp_path):
+    from cnnkit.data.streaming import center_crop_box, read_resized_crop
+
+    # 30 wide x 20 high: blue, but the 5 outer columns on each side red. Resized to a shorter
+    # side of round(16 / 0.875) = 18, the centre 16 x 16 crop spans source columns 6.1..23.9:
+    # the crop sees only blue, the squash to 16 x 16 keeps red at the edges.
+    pixels = np.zeros((20, 30, 3), dtype=np.uint8)
+    pixels[:, :, 2] = 255
+    pixels[:, :5] = pixels[:, 25:] = (255, 0, 0)
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels).save(path)
+    x = load_image(path, (3, 16, 16), crop_fraction=0.875)
+    direct = read_resized_crop(str(path), 3, 16, lambda w, h: center_crop_box(w, h, 16), False)
+    assert x.dtype == torch.float32 and torch.equal(x, direct.float() / 255)
+    blue = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 16, 16)
+    assert torch.equal(x, blue)
+    squashed = load_image(path, (3, 16, 16))
+    assert squashed[0, :, 0].min() > 0.5  # red edge column
+    gray = load_image(path, (1, 16, 16), crop_fraction=0.875)
+    assert gray.shape == (1, 16, 16) and torch.allclose(gray, torch.full_like(gray, 29 / 255))
+
+
+def test_load_image_with_crop_fraction_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image(bad, (3, 16, 16), crop_fraction=0.875)
+    with pytest.raises(ValueError, match="nope.png"):
+        load_image(tmp_path / "nope.png", (3, 16, 16), crop_fraction=0.875)
+    _save(tmp_path / "x.png", (1, 2, 3))
+    for fraction, size in ((0.0, (3, 16, 16)), (1.5, (3, 16, 16)), (0.875, (3, 16, 12))):
+        with pytest.raises(ValueError, match="crop_fraction"):
+            load_image(tmp_path / "x.png", size, crop_fraction=fraction)
+
+
 def test_channel_stats_against_numpy():
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     mean, std = channel_stats(x)

@@ -54,7 +54,7 @@ def test_two_process_torchrun_on_cpu(tmp_path, storage):
         "--crop-padding", "2", "--model", "resnet20", "--model-arg", "depth=8",
         "--model-arg", "widths=[4,8,16]", "--train-subset", "128", "--batch-size", "16",
         "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(out), storage,
-        "--workers", "1",
+        "--workers", "1", "--save-every", "3",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +106,17 @@ def _in_chans(config: dict) -> int | None:
     return config.get("kwargs", {}).get("in_chans")
 
 
-def _check_compatible(run_dir: Path, config: dict, model: Any, dataset: Any, spec: str) -> None:
+def _check_compatible(
+    run_dir: Path, config: dict, model: Any, channels: int | None, classes: list, spec: str
+) -> None:
     """The data must have the channels and classes the model was trained with."""
-    channels = dataset.images.shape[1] if dataset.images.ndim == 4 else None
     expected = _in_chans(config)
     if expected is not None and channels != expected:
         raise ValueError(
             f"--data {spec}: images have {channels} channel(s), but the model in {run_dir} "
             f"expects {expected}"
         )
-    classes = list(dataset.classes)
+    classes = list(classes)
     num_classes = _num_classes(model)
     if num_classes is not None and len(classes) != num_classes:
         raise ValueError(
@@ -128,21 +130,50 @@ def _check_compatible(run_dir: Path, config: dict, model: Any, dataset: Any, spe
         )
 
 
-def _load_options(config: dict) -> dict[str, Any]:
-    """load_data keywords that reproduce the run's splits and image size.
+def _split_seed(config: dict) -> dict[str, int]:
+    """The ``seed`` keyword of load_data / stream_splits that reproduces the run's splits.
 
     The split seed is fixed per data set (not the training --seed), so the test split is the
-    one the run was tested on; digits and folders are served at the run's image size.
+    one the run was tested on.
     """
+    seed = (config.get("data") or {}).get("split_seed")
+    return {"seed": seed} if isinstance(seed, int) and not isinstance(seed, bool) else {}
+
+
+def _load_options(config: dict) -> dict[str, Any]:
+    """load_data keywords that reproduce the run's splits and image size (digits and folders
+    are served at the run's image size)."""
     data = config.get("data") or {}
-    options: dict[str, Any] = {}
-    seed = data.get("split_seed")
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        options["seed"] = seed
+    options: dict[str, Any] = _split_seed(config)
     size = data.get("input_size")
     if isinstance(size, list) and len(size) == 3 and size[1] == size[2]:
         options["image_size"] = size[1]
     return options
+
+
+def _input_size(run_dir: Path, data: dict) -> tuple[int, int, int]:
+    size = data.get("input_size")
+    if not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.input_size' must be [C, H, W]")
+    return size[0], size[1], size[2]
+
+
+def _eval_crop_fraction(run_dir: Path, data: dict) -> float | None:
+    """``data.eval_crop_fraction`` of a streamed folder run (its images are evaluated resized
+    and centre-cropped), or None (older and in-memory runs: squashed to ``S x S``)."""
+    if "eval_crop_fraction" not in data:
+        return None
+    value = data["eval_crop_fraction"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            f"{run_dir / 'config.json'}: field 'data.eval_crop_fraction' must be a number in "
+            f"(0, 1] (the evaluation centre crop / resized shorter side), got {value!r}"
+        )
+    return float(value)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -152,10 +183,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from cnnkit.atomic import atomic_write_text
-    from cnnkit.data.classification import load_data
     from cnnkit.evaluation.classification import accuracy, confusion_matrix, per_class_accuracy
     from cnnkit.train.checkpoint import load_model, read_config
-    from cnnkit.train.classification import predict_logits
     from cnnkit.viz import plot_confusion_matrix
 
     run_dir = _run_dir(args.run_dir)
@@ -167,22 +196,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not spec:
         raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing; pass --data")
     model = load_model(run_dir)
-    splits = load_data(spec, **_load_options(config))
-    dataset = getattr(splits, args.split)
-    if len(dataset.labels) == 0:
-        raise ValueError(f"--data {spec}: the {args.split} split is empty")
-    _check_compatible(run_dir, config, model, dataset, spec)
-
-    logits = predict_logits(  # float32 on the CPU
-        model,
-        dataset.images,
-        mean=data["mean"],
-        std=data["std"],
-        batch_size=batch_size,
-        device=device,
-    )
-    labels = dataset.labels.long().cpu()
-    classes = [str(c) for c in dataset.classes]
+    classes, batches = _eval_split(run_dir, config, model, spec, args.split, batch_size)
+    logits, labels = _logits(model, batches, data, batch_size, device)
+    classes = [str(c) for c in classes]
     matrix = confusion_matrix(logits, labels, len(classes))
     per_class = per_class_accuracy(matrix)
     acc = accuracy(logits, labels)
@@ -213,6 +229,95 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_split(
+    run_dir: Path, config: dict, model: Any, spec: str, split: str, batch_size: int
+) -> tuple[list, Iterator[tuple[Any, Any]]]:
+    """The split's classes and ``(uint8 images, labels)`` batches, preprocessed as the run
+    evaluated its dev split: streamed folders (``data.eval_crop_fraction``) resized and
+    centre-cropped, read from disk; everything else squashed to ``S x S`` in memory."""
+    data = config["data"]
+    crop_fraction = _eval_crop_fraction(run_dir, data)
+    if crop_fraction is None:
+        return _memory_split(run_dir, config, model, spec, split)
+    size = _input_size(run_dir, data)
+    return _streamed_split(run_dir, config, model, spec, split, size, crop_fraction, batch_size)
+
+
+def _logits(
+    model: Any, batches: Iterator[tuple[Any, Any]], data: dict, batch_size: int, device: str
+) -> tuple[Any, Any]:
+    """``(float32 logits [N, K], int64 labels [N])`` on the CPU of every batch."""
+    import torch
+
+    from cnnkit.train.classification import predict_logits
+
+    outs, targets = [], []
+    for images, labels in batches:
+        outs.append(
+            predict_logits(
+                model,
+                images,
+                mean=data["mean"],
+                std=data["std"],
+                batch_size=batch_size,
+                device=device,
+            )
+        )
+        targets.append(labels.long().cpu())
+    return torch.cat(outs), torch.cat(targets)
+
+
+def _memory_split(
+    run_dir: Path, config: dict, model: Any, spec: str, split: str
+) -> tuple[list, Iterator[tuple[Any, Any]]]:
+    """The split decoded into memory, squashed to ``S x S`` (in-memory runs, older runs):
+    its classes and one ``(uint8 images, labels)`` batch."""
+    from cnnkit.data.classification import load_data
+
+    dataset = getattr(load_data(spec, **_load_options(config)), split)
+    if len(dataset.labels) == 0:
+        raise ValueError(f"--data {spec}: the {split} split is empty")
+    channels = dataset.images.shape[1] if dataset.images.ndim == 4 else None
+    _check_compatible(run_dir, config, model, channels, dataset.classes, spec)
+    return list(dataset.classes), iter([(dataset.images, dataset.labels)])
+
+
+def _streamed_split(
+    run_dir: Path,
+    config: dict,
+    model: Any,
+    spec: str,
+    split: str,
+    size: tuple[int, int, int],
+    crop_fraction: float,
+    batch_size: int,
+) -> tuple[list, Iterator[tuple[Any, Any]]]:
+    """The split of a streamed folder run read from disk a batch at a time with the run's
+    evaluation recipe (resize, centre crop): its classes and ``(uint8 images, labels)``
+    batches. Nothing is decoded up front (an ImageNet-sized folder does not fit in memory)."""
+    from cnnkit.data.classification import stream_splits
+    from cnnkit.data.streaming import EvalBatchSampler, default_workers, stream_loader
+
+    if size[1] != size[2]:
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.input_size' must be square")
+    splits = stream_splits(spec, image_size=size[1], **_split_seed(config))
+    _check_compatible(run_dir, config, model, splits.channels, splits.classes, spec)
+    dataset = splits.dataset(split, train=False, seed=0, crop_fraction=crop_fraction)
+    if len(dataset) == 0:
+        raise ValueError(f"--data {spec}: the {split} split is empty")
+    sampler = EvalBatchSampler(len(dataset), batch_size)
+    loader = stream_loader(dataset, sampler, workers=default_workers(), pin_memory=False)
+    return list(splits.classes), _readable(loader)
+
+
+def _readable(loader: Any) -> Iterator[tuple[Any, Any]]:
+    """The loader's ``(images, labels)``; an unreadable file is an error naming it."""
+    for batch in loader:
+        if batch.invalid:
+            raise ValueError(f"cannot read image {batch.invalid[0]}")
+        yield batch.images, batch.labels
+
+
 def _print_per_class(classes: list[str], matrix: Any, per_class: Any) -> None:
     width = max(5, *(len(c) for c in classes))
     print(f"{'class'.ljust(width)}  {'images':>6}  {'correct':>7}  {'accuracy':>8}")
@@ -239,12 +344,11 @@ def run_predict(args: argparse.Namespace) -> int:
     device = _device(args.device)
     config = read_config(run_dir)
     data = _data_section(run_dir, config, "mean", "std", "classes", "input_size")
-    size = data["input_size"]
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)):
-        raise ValueError(f"{run_dir / 'config.json'}: field 'data.input_size' must be [C, H, W]")
+    size = _input_size(run_dir, data)
+    crop_fraction = _eval_crop_fraction(run_dir, data)
     classes = [str(c) for c in data["classes"]]
     # Read every image before the model runs: a bad file fails fast, naming itself.
-    images = [_read_image(load_image, path, tuple(size)) for path in args.images]
+    images = [_read_image(load_image, path, size, crop_fraction) for path in args.images]
     model = load_model(run_dir)
     logits = predict_logits(  # float32 on the CPU
         model, torch.stack(images), mean=data["mean"], std=data["std"], device=device
@@ -262,11 +366,13 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_image(load_image: Any, path: str, size: tuple[int, int, int]) -> Any:
+def _read_image(
+    load_image: Any, path: str, size: tuple[int, int, int], crop_fraction: float | None
+) -> Any:
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such image file")
     try:
-        return load_image(path, size)
+        return load_image(path, size, crop_fraction)
     except ValueError:
         raise
     except Exception as err:  # PIL raises OSError / its own errors for unreadable files

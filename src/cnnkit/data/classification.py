@@ -47,7 +47,10 @@ from cnnkit.data.streaming import (
     Invalid,
     StreamDataset,
     TensorSource,
+    _read_errors,
+    center_crop_box,
     choose_streaming,
+    read_resized_crop,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif")
@@ -526,20 +529,40 @@ def _load_folder(
     return sets["train"], sets["dev"], sets["test"]
 
 
-def load_image(path: str | os.PathLike, input_size: tuple[int, int, int]) -> Tensor:
+def load_image(
+    path: str | os.PathLike, input_size: tuple[int, int, int], crop_fraction: float | None = None
+) -> Tensor:
     """One image file as ``float [C, H, W]`` in [0, 1], converted to ``C`` channels and resized.
 
+    Without ``crop_fraction``, squashed to ``H x W`` (the in-memory loader's recipe). With it,
+    the evaluation recipe of streamed files (``H == W == S``): the shorter side resized to
+    ``round(S / crop_fraction)`` and the centre ``S x S`` cropped
+    (:func:`cnnkit.data.streaming.center_crop_box`).
+
     Raises:
-        ValueError: the file is missing or not a readable image (naming it), or ``C`` is not
-            1 or 3.
+        ValueError: the file is missing or not a readable image (naming it), ``C`` is not
+            1 or 3, or ``crop_fraction`` is outside (0, 1] or given for a non-square size.
     """
     c, h, w = (int(v) for v in input_size)
     if c not in (1, 3):
         raise ValueError(f"input_size={tuple(input_size)}: only 1 or 3 channels are supported")
+    if crop_fraction is not None and not (0 < crop_fraction <= 1 and h == w):
+        raise ValueError(
+            f"crop_fraction={crop_fraction!r} with input_size={tuple(input_size)}: "
+            "needs a fraction in (0, 1] and a square size"
+        )
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"image {file} does not exist")
-    return _decode(file, c, (h, w)).float().div_(255.0)
+    if crop_fraction is None:
+        return _decode(file, c, (h, w)).float().div_(255.0)
+    try:
+        image = read_resized_crop(
+            str(file), c, h, lambda cw, ch: center_crop_box(cw, ch, h, crop_fraction), False
+        )
+    except _read_errors() as err:
+        raise ValueError(f"cannot read image {file}: {err}") from None
+    return image.float().div_(255.0)
 
 
 # --------------------------------------------------------------------------- streamed data sets

@@ -21,6 +21,14 @@ if TYPE_CHECKING:
 STATE_FORMAT = 2
 
 
+def _partial(engine: Engine, epoch: int, totals: EpochTotals) -> dict[str, Any]:
+    """The epoch in progress: every rank's running sums (each rank sums its own shard; they are
+    reduced only at the epoch's end)."""
+    from cnnkit.train.distributed import Reduce
+
+    return {"epoch": epoch, "ranks": Reduce(engine.ctx).gather(totals.to_dict())}
+
+
 class TrainState:
     """Epochs completed, optimizer steps taken, training seconds, and a partial epoch."""
 
@@ -48,7 +56,7 @@ class TrainState:
             "model": engine.model.state_dict(),
             "optimizer": engine.optimizer.state_dict(),
             "schedule": {"kind": engine.schedule.kind, "step": self.global_step},
-            "partial": None if partial is None else {"epoch": partial[0], **partial[1].to_dict()},
+            "partial": None if partial is None else _partial(engine, *partial),
             "train_seconds": self.train_seconds + (partial[1].seconds if partial else 0.0),
             "world_size": engine.ctx.world_size,
             "seed": engine.cfg.seed,
@@ -71,7 +79,14 @@ class TrainState:
             self.train_seconds = float(state.get("train_seconds", 0.0))
             partial = state.get("partial")
             if partial is not None:
-                totals = EpochTotals.from_dict(partial, engine.device)
+                ranks = partial["ranks"]
+                # Each rank continues its own sums; another world size replays the epoch's
+                # remaining steps on other shards, and the sums of the ranks that did not exist
+                # restart at zero (the weights are what matter; the note below says so).
+                rank = engine.ctx.rank
+                totals = EpochTotals.from_dict(ranks[min(rank, len(ranks) - 1)], engine.device)
+                if rank >= len(ranks):
+                    totals.sums = {}
                 self.train_seconds -= totals.seconds
                 self.partial = (int(partial["epoch"]), totals)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
