@@ -332,3 +332,100 @@ def test_train_then_evaluate_predict_diagnose(tmp_path, tiny_name, digits, capsy
     assert cli(["diagnose", str(run)]) == 0
     out = capsys.readouterr().out
     assert out.count("  1. ") == 2 and "Diagnosis:" in out
+
+
+# --------------------------------------------------------------------------- streamed folder runs
+
+
+def _wide_folder(root):
+    """2 classes x 12 noise images, 30 wide x 20 high, whose class shows only in the 5 outer
+    columns on each side (red or blue): the streamed evaluation crop (columns 6.1..23.9 at
+    image size 16) cuts them off, the squash to 16 x 16 keeps them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, edge in enumerate([(255, 0, 0), (0, 0, 255)]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+            pixels[:, :5] = pixels[:, 25:] = edge
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def streamed_run(tmp_path_factory):
+    """`cnnkit train --stream` on a folder of non-square images: (run dir, data root)."""
+    from cnnkit.cli.main import main
+
+    base = tmp_path_factory.mktemp("streamed")
+    root = _wide_folder(base / "data")
+    argv = ["train", "--data", f"folder:{root}", "--stream", "--workers", "0", "--epochs", "1",
+            "--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]", "--image-size", "16",
+            "--batch-size", "8", "--quiet", "--threads", "1", "--device", "cpu",
+            "--precision", "fp32", "--compile", "off", "--out", str(base / "run")]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((base / "run" / "config.json").read_text())["data"]
+    assert data["storage"] == "stream" and data["eval_crop_fraction"] == 0.875
+    return base / "run", root
+
+
+def _hand_logits(run_dir, files, crop_fraction):
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    images = torch.stack([classification.load_image(f, (3, 16, 16), crop_fraction) for f in files])
+    with torch.no_grad():
+        return cnnkit.load_model(run_dir).eval()(_normalize(images, data["mean"], data["std"]))
+
+
+def test_evaluate_streamed_run_reproduces_its_test_figures(streamed_run, monkeypatch, capsys):
+    run, root = streamed_run
+    metrics = json.loads((run / "metrics.json").read_text())
+
+    def no_load_data(spec, **options):  # would decode every split into memory
+        raise AssertionError("evaluate of a streamed folder run called load_data")
+
+    monkeypatch.setattr(classification, "load_data", no_load_data)
+    assert cli(["evaluate", str(run), "--batch-size", "1"]) == 0, capsys.readouterr().err
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["images"] == 2 and result["classes"] == ["c0", "c1"]
+    assert result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert result["loss"] == pytest.approx(metrics["test_loss"], abs=1e-6)
+    # The squash to 16 x 16 (the in-memory recipe) would not have reproduced the loss.
+    test_files, labels = classification.folder_files(root, 0)[0]["test"]
+    squashed = _hand_logits(run, test_files, None)
+    squashed_loss = nn.functional.cross_entropy(squashed, labels).item()
+    assert abs(squashed_loss - metrics["test_loss"]) > 1e-3
+
+    assert cli(["evaluate", str(run), "--split", "train"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["images"] == 20
+
+
+def test_predict_streamed_run_uses_the_evaluation_crop(streamed_run, capsys):
+    run, root = streamed_run
+    path = root / "c1" / "3.png"
+    capsys.readouterr()
+    assert cli(["predict", str(run), str(path), "--top-k", "2"]) == 0
+    rows = re.findall(r"^\s+\d\. (\S+)\s+([\d.]+)%", capsys.readouterr().out, re.M)
+    probs = torch.softmax(_hand_logits(run, [path], 0.875)[0], 0)
+    squashed = torch.softmax(_hand_logits(run, [path], None)[0], 0)
+    best = int(probs.argmax())
+    assert rows[0][0] == ["c0", "c1"][best]
+    assert float(rows[0][1]) == pytest.approx(100 * probs[best].item(), abs=0.01)
+    assert abs(probs[best] - squashed[best]).item() > 1e-3  # the check above tells them apart
+
+
+@pytest.mark.parametrize("bad", ["big", 3, 0, True, None])
+def test_bad_eval_crop_fraction_is_named(streamed_run, tmp_path, capsys, bad):
+    import shutil
+
+    run, root = streamed_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["eval_crop_fraction"] = bad
+    (copy / "config.json").write_text(json.dumps(config))
+    assert cli(["predict", str(copy), str(root / "c0" / "0.png")]) == 2
+    _one_error_line(capsys, "config.json", "data.eval_crop_fraction")
+    assert cli(["evaluate", str(copy)]) == 2
+    _one_error_line(capsys, "config.json", "data.eval_crop_fraction")
