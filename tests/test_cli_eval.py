@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,149 @@ def test_main_maps_errors_to_exit_status_2(tmp_path, capsys):
     assert main(["eval", "coco", str(gt), str(dt)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not valid JSON" in err[0]
+
+
+def _edit_gt(fn):
+    def apply(gt, dt):
+        fn(gt)
+        return gt, dt
+
+    return apply
+
+
+def _edit_dt(fn):
+    def apply(gt, dt):
+        fn(dt)
+        return gt, dt
+
+    return apply
+
+
+def _text_dt(text):
+    return lambda gt, dt: (gt, text)
+
+
+def _voc_xml(tmp_path, **fields):
+    f = {"width": "100", "xmin": "1", "difficult": "0", **fields}
+    ann = tmp_path / "voc" / "Annotations"
+    ann.mkdir(parents=True)
+    (ann / "a.xml").write_text(
+        f"<annotation><size><width>{f['width']}</width><height>80</height></size><object>"
+        f"<name>dog</name><difficult>{f['difficult']}</difficult><bndbox><xmin>{f['xmin']}"
+        f"</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object></annotation>"
+    )
+    return ann.parent
+
+
+_BAD = {
+    "iscrowd string": (
+        "coco",
+        _edit_gt(lambda g: g["annotations"][4].update(iscrowd="0")),
+        r"gt\.json: annotations\[4\]\.iscrowd: expected 0, 1, true or false, got '0' \(id 5\)",
+    ),
+    "iscrowd no": ("coco", _edit_gt(lambda g: g["annotations"][0].update(iscrowd="no")), "iscrowd"),
+    "area string": (
+        "coco",
+        _edit_gt(lambda g: g["annotations"][2].update(area="9")),
+        r"\[2\]\.area.*\(id 3\)",
+    ),
+    "category id 10**30": (
+        "coco",
+        _edit_gt(lambda g: g["categories"][1].update(id=10**30)),
+        r"id=1000+: out of range",
+    ),
+    "duplicate image ids": (
+        "coco",
+        _edit_gt(lambda g: g["images"][1].update(id=1)),
+        "images: duplicate id 1",
+    ),
+    "bbox overflow": (
+        "coco",
+        _edit_dt(lambda d: d[3].update(bbox=[1, 1, 1e308, 1e308])),
+        r"\[3\]\.bbox.*large",
+    ),
+    "score string": ("coco", _edit_dt(lambda d: d[0].update(score="0.5")), r"\[0\]\.score: not a"),
+    "results nested 200000 deep": (
+        "coco",
+        _text_dt("[" * 200_000 + "]" * 200_000),
+        r"dt\.json.*nested too deeply",
+    ),
+    "results an object": ("coco", _text_dt('{"image_id": 1}'), "expected a list"),
+    "results empty file": ("coco", _text_dt(""), r"dt\.json' is empty"),
+    "voc results nested 200000 deep": (
+        "voc",
+        _text_dt("[" * 200_000 + "]" * 200_000),
+        r"dt\.json.*nested too deeply",
+    ),
+    "voc width 1e400": ("voc-xml", {"width": "1e400"}, r"a\.xml: .*<size/width> is not a finite"),
+    "voc xmin nan": ("voc-xml", {"xmin": "nan"}, r"a\.xml: object 0 <xmin> is not a finite"),
+    "voc difficult 1e400": ("voc-xml", {"difficult": "1e400"}, r"a\.xml: .*<difficult> must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    from cnnkit.cli.main import main
+
+    metric, edit, message = _BAD[case]
+    gt, dt = _files(tmp_path)
+    if metric == "voc-xml":
+        gt = _voc_xml(tmp_path, **edit)
+        dt.write_text(
+            json.dumps(
+                [{"image_id": "a", "category_id": "dog", "bbox": [0, 0, 9, 9], "score": 0.5}]
+            )
+        )
+        metric = "voc"
+    else:
+        g, d = edit(json.loads(gt.read_text()), json.loads(dt.read_text()))
+        gt.write_text(json.dumps(g))
+        dt.write_text(d if isinstance(d, str) else json.dumps(d))
+    out = tmp_path / "out"
+    argv = ["eval", metric, str(gt), str(dt), "--json", str(out / "r.json")]
+    status = main([*argv, "--plot", str(out / "pr.png")])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert status == 2 and captured.out == ""
+    assert len(err) == 1 and "Traceback" not in captured.err, captured.err
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+@pytest.mark.parametrize("metric", ["coco", "voc"])
+def test_an_output_that_is_a_directory_is_named_and_nothing_is_written(
+    tmp_path, capsys, metric, flag
+):
+    from cnnkit.cli.main import main
+
+    gt, dt = _files(tmp_path)
+    target = tmp_path / "results"
+    target.mkdir()
+    other = "--plot" if flag == "--json" else "--json"
+    argv = ["eval", metric, str(gt), str(dt), flag, str(target), other, str(tmp_path / "o" / "x")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err.strip() == f"cnnkit: error: {flag} {target}: is a directory; give a file name"
+    )
+    assert ".tmp" not in captured.err
+    assert list(target.iterdir()) == [] and not (tmp_path / "o").exists()
+
+
+def test_coco_plot_and_per_class_json_agree_with_cocoeval(tmp_path):
+    gt, dt = _files(tmp_path)
+    out_json = tmp_path / "r.json"
+    status, _ = _run(["eval", "coco", str(gt), str(dt), "--json", str(out_json)])
+    assert status == 0
+    data = json.loads(out_json.read_text())
+    assert data["per_class_area"] == "all"
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt))
+        ev = COCOeval(coco, coco.loadRes(str(dt)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+    for k, name in enumerate(["cat", "dog"]):
+        s = ev.eval["precision"][:, :, k, 0, -1]
+        assert data["per_class"][name] == pytest.approx(float(np.mean(s[s > -1])), abs=1e-12)

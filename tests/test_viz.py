@@ -114,3 +114,99 @@ def test_confusion_matrix_picture(tmp_path):
         plot_confusion_matrix(matrix, ["a", "b"], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"\[K, K\]"):
         plot_confusion_matrix(torch.zeros(2, 3), ["a", "b"], tmp_path / "x.png")
+
+
+def _figure_of(monkeypatch, draw):
+    figures = []
+    save = viz._save_png
+
+    def keep(fig, out):
+        figures.append(fig)
+        save(fig, out)
+
+    monkeypatch.setattr(viz, "_save_png", keep)
+    draw()
+    monkeypatch.undo()
+    (fig,) = figures
+    return fig
+
+
+def test_voc_pr_curve_is_the_interpolated_envelope_as_steps(tmp_path, monkeypatch):
+    # Ranked TP, FP, TP, FP with npos 3: the raw curve starts at (1/3, 1) and zig-zags; the
+    # envelope is 1 on [0, 1/3], 2/3 on (1/3, 2/3] — what all-point AP integrates.
+    recall = np.array([1, 1, 2, 2]) / 3
+    precision = np.array([1, 1 / 2, 2 / 3, 1 / 2])
+    fig = _figure_of(
+        monkeypatch,
+        lambda: viz.plot_pr_curves({"a": (recall, precision)}, tmp_path / "pr.png", envelope=True),
+    )
+    (line,) = fig.axes[0].get_lines()
+    assert line.get_drawstyle() == "steps-pre"
+    x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    assert x[0] == 0.0 and y[0] == 1.0  # from recall 0 at the best precision, not from (0, 0)
+    assert np.all(np.diff(y) <= 0)
+    np.testing.assert_allclose(y, [1, 1, 1, 2 / 3, 2 / 3])
+    area = np.sum(np.diff(x) * y[1:])
+    from cnnkit.evaluation.voc import ap_all_point
+
+    assert area == pytest.approx(ap_all_point(recall, precision))
+    _png(tmp_path / "pr.png")
+
+
+def test_pr_curve_at_recall_one_and_a_single_point_are_visible(tmp_path, monkeypatch):
+    curves = {"perfect": ([1.0], [1.0]), "half": ([0.5, 1.0], [1.0, 0.5])}
+    fig = _figure_of(
+        monkeypatch, lambda: viz.plot_pr_curves(curves, tmp_path / "pr.png", envelope=True)
+    )
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] > 1.0 and ax.get_ylim()[1] > 1.0  # the edge does not hide them
+    for line in ax.get_lines():
+        assert line.get_marker() not in (None, "None", "")
+        last = len(line.get_xdata()) - 1
+        assert last in list(line.get_markevery())  # the curve's reach is marked
+    perfect = ax.get_lines()[0]
+    assert list(perfect.get_xdata()) == [0.0, 1.0] and list(perfect.get_ydata()) == [1.0, 1.0]
+
+
+def test_equal_pr_curves_stay_distinguishable(tmp_path, monkeypatch):
+    rec = np.linspace(0, 1, 101)
+    prec = np.clip(1.2 - rec, 0, 1)
+    curves = {"IoU=0.50": (rec, prec), "IoU=0.75": (rec, prec.copy())}
+    fig = _figure_of(monkeypatch, lambda: viz.plot_pr_curves(curves, tmp_path / "pr.png"))
+    first, second = fig.axes[0].get_lines()
+    # The data are drawn as given (no offset) ...
+    np.testing.assert_array_equal(first.get_ydata(), second.get_ydata())
+    # ... in distinct styles, the one drawn first wider, so the later one does not cover it.
+    assert first.get_linestyle() != second.get_linestyle()
+    assert first.get_marker() != second.get_marker()
+    assert first.get_linewidth() > second.get_linewidth() + 1
+    assert first.get_zorder() < second.get_zorder()
+    assert list(first.get_markevery()) != list(second.get_markevery())
+
+
+def test_confusion_matrix_of_many_classes_names_its_ticks(tmp_path, monkeypatch):
+    names = [f"class_{i}" for i in range(40)]
+    fig = _figure_of(
+        monkeypatch,
+        lambda: plot_confusion_matrix(np.eye(40, dtype=int), names, tmp_path / "cm.png"),
+    )
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+
+
+def test_confusion_matrix_too_many_names_for_ticks_writes_a_key(tmp_path, monkeypatch):
+    k = 400
+    names = [f"n{i:05d}" for i in range(k)]
+    fig = _figure_of(
+        monkeypatch,
+        lambda: plot_confusion_matrix(np.eye(k, dtype=int), names, tmp_path / "cm.png"),
+    )
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks and all(t.isdigit() for t in ticks)  # indices ...
+    key = "\n".join(t.get_text() for t in fig.texts if t.get_gid() == "class-key")
+    rows = key.splitlines()
+    assert len(rows) == k  # ... with a key for every class
+    assert [r.split() for r in rows[:2]] == [["0", "n00000"], ["1", "n00001"]]
+    assert rows[-1].split() == ["399", "n00399"]

@@ -87,12 +87,21 @@ def plot_curves(
     _save_png(fig, path)
 
 
+# Class names on the ticks need this font size (points) at least; below it, the ticks show
+# indices and a key beside the matrix maps each index to its name.
+_MIN_TICK_FONT = 4.0
+
+
 def plot_confusion_matrix(matrix, classes: list[str], path) -> None:
     """Confusion matrix ``[K, K]`` (rows = true class, columns = predicted) as a PNG.
 
     Cells are coloured by the row-normalized rate (the share of each true class) and, for up
-    to 30 classes, labelled with the counts.
+    to 30 classes, labelled with the counts. Every tick carries its class name while the
+    names fit (a few hundred classes); beyond that the ticks show class indices and a key
+    beside the matrix lists "index  name" for every class.
     """
+    import math
+
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -102,16 +111,26 @@ def plot_confusion_matrix(matrix, classes: list[str], path) -> None:
     k = counts.shape[0]
     if len(classes) != k:
         raise ValueError(f"plot_confusion_matrix: {len(classes)} class names for a {k}x{k} matrix")
+    names = [str(c) for c in classes]
     totals = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     size = min(4 + 0.45 * k, 24)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    if k <= 30:
+    pitch = 72.0 * 0.7 * size * 0.9 / max(k, 1)  # points per class along an axis (about)
+    font = min(8.0, 0.8 * pitch)
+    if font >= _MIN_TICK_FONT:
         ticks = range(k)
-        ax.set_xticks(ticks, [str(c) for c in classes], rotation=90 if k > 10 else 0)
-        ax.set_yticks(ticks, [str(c) for c in classes])
+        ax.set_xticks(ticks, names, rotation=90 if k > 10 else 0, fontsize=font)
+        ax.set_yticks(ticks, names, fontsize=font)
+    else:
+        step = math.ceil(_MIN_TICK_FONT * 3 / (0.8 * pitch))  # an index is ~3 digits wide
+        ticks = range(0, k, step)
+        ax.set_xticks(ticks, [str(i) for i in ticks], rotation=90, fontsize=_MIN_TICK_FONT)
+        ax.set_yticks(ticks, [str(i) for i in ticks], fontsize=_MIN_TICK_FONT)
+        _write_key(fig, names, size)
+    if k <= 30:
         for i in range(k):
             for j in range(k):
                 if counts[i, j]:
@@ -127,33 +146,110 @@ def plot_confusion_matrix(matrix, classes: list[str], path) -> None:
     _save_png(fig, path)
 
 
+def _write_key(fig, names: list[str], size: float) -> None:
+    """ "index  name" of every class in columns to the right of the figure."""
+    font = _MIN_TICK_FONT
+    per_column = max(int(size * 0.9 * 72 / (font * 1.25)), 1)
+    width = max(len(n) for n in names) + len(str(len(names))) + 2
+    column_width = width * 0.62 * font / (72 * size)  # figure fraction (monospace)
+    for c, start in enumerate(range(0, len(names), per_column)):
+        rows = [
+            f"{i:>{len(str(len(names)))}}  {names[i]}"
+            for i in range(start, min(start + per_column, len(names)))
+        ]
+        text = fig.text(
+            1.01 + c * column_width,
+            1.0,
+            "\n".join(rows),
+            fontsize=font,
+            family="monospace",
+            va="top",
+            ha="left",
+        )
+        text.set_gid("class-key")
+
+
 # --------------------------------------------------------------------------- detection
 
 
-def plot_pr_curves(curves, path, title: str = "precision / recall") -> None:
+def pr_envelope(recall, precision):
+    """The interpolated precision of a ranked PR curve as a step curve from recall 0.
+
+    ``recall`` (non-decreasing), ``precision`` [N] in ranked order; returns ``(r [N + 1], p [N + 1])`` with
+    ``p[i]`` the largest precision at recall >= ``r[i]`` (Everingham et al.'s p~), to draw with
+    ``drawstyle="steps-pre"``: p~(r_i) holds on (r_{i-1}, r_i]. Empty in, empty out.
+    """
+    import numpy as np
+
+    r = np.asarray(recall, dtype=np.float64).reshape(-1)
+    p = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if r.size == 0:
+        return r, p
+    env = np.maximum.accumulate(p[::-1])[::-1]
+    # Points of equal recall share the largest precision among them (recall is sorted).
+    env = env[np.searchsorted(r, r, side="left")]
+    return np.concatenate([[0.0], r]), np.concatenate([env[:1], env])
+
+
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_pr_curves(
+    curves, path, title: str = "precision / recall", *, envelope: bool = False
+) -> None:
     """Precision/recall curves, one line each, as a PNG.
 
     ``curves`` maps a label to ``(recall [N], precision [N])`` (e.g. COCO's mean interpolated
     precision at IoU .50 and .75, or one VOC curve per class); the legend gives each label.
+    ``envelope``: the points are a ranked curve (VOC's raw precision per detection); draw its
+    interpolated precision (the largest at any higher recall) as a step curve from recall 0,
+    the curve that AP measures, instead of joining the raw points.
+
+    Curves may coincide (COCO's .50 and .75 on easy data): each has its own colour, line style
+    and markers (placed at staggered points), and the earlier ones are drawn wider, so a curve
+    drawn over another leaves it visible on both sides. A curve's last point is marked, and
+    the axes reach past 1, so a curve at recall or precision 1.0 (or a single point) shows.
+    The data are drawn as given: nothing is offset.
     """
     import matplotlib.pyplot as plt
     import numpy as np
 
     if not curves:
         raise ValueError("plot_pr_curves: no curves to plot")
+    n = len(curves)
+    colors = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for label, (recall, precision) in curves.items():
+    for i, (label, (recall, precision)) in enumerate(curves.items()):
         r = np.asarray(recall, dtype=np.float64).reshape(-1)
         p = np.asarray(precision, dtype=np.float64).reshape(-1)
         if r.shape != p.shape:
             raise ValueError(f"plot_pr_curves: {label!r} has {r.size} recalls, {p.size} precisions")
-        ax.plot(r, p, label=str(label), linewidth=1.2)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.02)
+        if envelope:
+            r, p = pr_envelope(r, p)
+        step = max(len(r) // 8, 1)
+        marks = list(range((i * step) // n, len(r), step))
+        if len(r) and len(r) - 1 not in marks:
+            marks.append(len(r) - 1)  # the reach of the curve
+        ax.plot(
+            r,
+            p,
+            label=str(label),
+            color=colors[i % len(colors)],
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            linewidth=1.2 + 2.0 * (n - 1 - i) / max(n - 1, 1),
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=5,
+            markevery=marks,
+            drawstyle="steps-pre" if envelope else "default",
+            zorder=2 + i,
+        )
+    ax.set_xlim(-0.01, 1.03)
+    ax.set_ylim(-0.01, 1.05)
     ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
+    ax.set_ylabel("interpolated precision" if envelope else "precision")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7 if len(curves) > 8 else 9, ncol=2 if len(curves) > 12 else 1)
+    ax.legend(fontsize=7 if n > 8 else 9, ncol=2 if n > 12 else 1)
     fig.tight_layout()
     _save_png(fig, path)

@@ -504,3 +504,198 @@ def test_ground_truth_without_annotations(iou_type):
         dt[0]["segmentation"] = [[0, 0, 5, 0, 5, 5, 0, 5]]
     ev, printed = oracle(gt, dt, iou_type)
     assert_same(coco_evaluate(gt, dt, iou_type), ev, printed)
+
+
+# ----------------------------------------------------------------------------- field types
+
+
+def _gt_file(tmp_path, gt):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+@pytest.mark.parametrize("value", ["0", "no", "1", 2, -1, 0.5, None, [0]])
+def test_iscrowd_of_the_wrong_type_names_the_annotation(tmp_path, value):
+    # pycocotools reads "0" as set (ignored) and as not crowd (IoU) at once: refused here.
+    gt, dt = _small()
+    gt["annotations"][1]["iscrowd"] = value
+    ann_id = gt["annotations"][1]["id"]
+    with pytest.raises(
+        ValueError, match=rf"gt\.json: annotations\[1\]\.iscrowd: .*\(id {ann_id}\)"
+    ):
+        coco_evaluate(_gt_file(tmp_path, gt), dt)
+
+
+def test_iscrowd_as_booleans_or_floats_equals_cocoeval():
+    gt, dt = make_case(3, "bbox", crowd=0.3)
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    ev, printed = oracle(gt, dt, "bbox")
+    for convert in (bool, float):
+        gt2 = copy.deepcopy(gt)
+        for a in gt2["annotations"]:
+            a["iscrowd"] = convert(a["iscrowd"])
+        assert_same(coco_evaluate(gt2, dt, "bbox"), ev, printed)
+
+
+def _set(path, value):
+    def edit(gt, dt):
+        target = {"gt": gt, "dt": dt}[path[0]]
+        for key in path[1:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set(("gt", "annotations", 1, "area"), "100"), r"annotations\[1\]\.area: not a number"),
+        (_set(("gt", "annotations", 1, "area"), -5.0), r"annotations\[1\]\.area: negative"),
+        (_set(("gt", "annotations", 1, "area"), True), r"annotations\[1\]\.area: not a number"),
+        (_set(("gt", "annotations", 1, "bbox"), ["1", 2, 3, 4]), r"\[1\]\.bbox: expected 4"),
+        (_set(("gt", "annotations", 1, "bbox"), [1, 2, True, 4]), r"\[1\]\.bbox: expected 4"),
+        (_set(("gt", "annotations", 1, "bbox"), [1, 2, 1e308, 1e308]), r"\[1\]\.bbox.*too large"),
+        (_set(("gt", "annotations", 1, "bbox"), [1, 2, 10**400, 4]), r"\[1\]\.bbox: number too"),
+        (_set(("gt", "annotations", 1, "bbox"), [1, 2, float("nan"), 4]), r"bbox: not finite"),
+        (_set(("gt", "annotations", 1, "bbox"), [1, 2, -3, 4]), r"\[1\]\.bbox.*negative"),
+        (_set(("gt", "categories", 1, "id"), 10**30), r"categories\[1\]\.id=1000.*out of range"),
+        (_set(("gt", "categories", 1, "id"), 1e300), r"categories\[1\]\.id=1e\+300: a float id"),
+        (_set(("gt", "categories", 1, "id"), 1), r"categories: duplicate id 1"),
+        (_set(("gt", "images", 1, "id"), "6"), r"images: field 'id' mixes integer and string"),
+        (_set(("gt", "images", 1, "id"), 3), r"images: duplicate id 3"),
+        (_set(("gt", "annotations", 1, "image_id"), True), r"\[1\]\.image_id: expected an int"),
+        (_set(("gt", "annotations", 1, "category_id"), 1.5), r"category_id: expected an int"),
+        (_set(("gt", "annotations", 1, "id"), 1), r"annotations: duplicate id 1"),
+        (_set(("gt", "annotations", 1, "difficult"), "yes"), r"\[1\]\.difficult: expected 0, 1"),
+        (_set(("dt", 2, "score"), "0.9"), r"results\[2\]\.score: not a number"),
+        (_set(("dt", 2, "score"), True), r"results\[2\]\.score: not a number"),
+        (_set(("dt", 2, "score"), 10**400), r"results\[2\]\.score: number too large"),
+        (_set(("dt", 2, "image_id"), 10**30), r"results\[2\]\.image_id=1000.*out of range"),
+    ],
+)
+def test_fields_of_the_wrong_type_name_the_entry_and_file(tmp_path, edit, message):
+    gt, dt = _small()
+    edit(gt, dt)
+    with pytest.raises(ValueError, match=message) as err:
+        coco_evaluate(_gt_file(tmp_path, gt), dt)
+    if "gt.json" not in message and "results" not in message:
+        assert "gt.json" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_keypoints", "3", r"num_keypoints: expected an integer"),
+        ("num_keypoints", -1, r"num_keypoints: expected an integer"),
+        ("num_keypoints", 10**30, r"num_keypoints: expected an integer"),
+        ("keypoints", "x", r"keypoints: expected 3K numbers"),
+        ("keypoints", [1, 2], r"keypoints: expected 3K numbers"),
+        ("keypoints", ["1"] * 51, r"keypoints: expected 51 numbers"),
+    ],
+)
+def test_keypoint_fields_of_the_wrong_type(tmp_path, field, value, message):
+    gt, dt = make_case(2, "keypoints", n_img=4)
+    gt["annotations"][0][field] = value
+    with pytest.raises(ValueError, match=rf"gt\.json: annotations\[0\]\.{message}.*\(id 1\)"):
+        coco_evaluate(_gt_file(tmp_path, gt), dt, "keypoints")
+
+
+@pytest.mark.parametrize(
+    ("segm", "message"),
+    [
+        ([[0, 0, 10, 0, 10, 10, 0]], r"segmentation\[0\]: a polygon is a list of x, y pairs"),
+        ([[0, 0, 10, "0", 10, 10]], r"segmentation\[0\]: not a finite number: '0'"),
+        ([[0, 0, 10, float("inf"), 10, 10]], r"segmentation\[0\]: not a finite number: inf"),
+        ("polygon", r"segmentation: expected polygons or an RLE dict"),
+        (
+            {"size": [10, 10], "counts": [0, 100]},
+            r"segmentation: RLE size \[10, 10\] differs from image",
+        ),
+        (
+            {"size": ["h", "w"], "counts": [0, 100]},
+            r"segmentation: RLE size must be \[height, width\]",
+        ),
+        ({"size": None, "counts": [0, 5]}, r"segmentation: an RLE needs 'counts' and 'size'"),
+        ("rle-overrun", r"segmentation: RLE counts add up to"),
+        ({"counts": 5}, r"segmentation: an RLE needs"),
+    ],
+)
+def test_segmentations_of_the_wrong_shape(tmp_path, segm, message):
+    gt, dt = make_case(4, "segm", n_img=4, crowd=0.0)
+    img = {i["id"]: i for i in gt["images"]}[gt["annotations"][0]["image_id"]]
+    if segm == "rle-overrun":  # would make pycocotools' decoder write past the mask
+        h, w = img["height"], img["width"]
+        segm = {"size": [h, w], "counts": [0, h * w + 7]}
+    gt["annotations"][0]["segmentation"] = segm
+    with pytest.raises(ValueError, match=rf"gt\.json: annotations\[0\] \(id 1\)\.{message}"):
+        coco_evaluate(_gt_file(tmp_path, gt), dt, "segm")
+
+
+@pytest.mark.parametrize("key", ["height", "width"])
+@pytest.mark.parametrize("value", ["100", 0, -4, 10**12, 12.5, True])
+def test_segm_image_sizes_are_positive_integers(tmp_path, key, value):
+    gt, dt = make_case(4, "segm", n_img=4)
+    gt["images"][2][key] = value
+    with pytest.raises(ValueError, match=rf"gt\.json: images\[2\]\.{key}: expected an integer"):
+        coco_evaluate(_gt_file(tmp_path, gt), dt, "segm")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ("", "is empty"),
+        ("  \n", "is empty"),
+        ('{"image_id": 1}', "expected a list of result objects"),
+        ("{}", "expected a list of result objects"),
+        ('"results"', "expected a list of result objects"),
+        ("[" + "1" * 5000 + "]", "not valid JSON"),
+        ('[{"score": NaN}', "not valid JSON"),
+        (b'[{"image_id": "\xe9"}]', "not UTF-8"),
+    ],
+)
+def test_bad_results_files_name_the_file(tmp_path, text, message):
+    gt, _ = _small()
+    path = tmp_path / "dt.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message) as err:
+        coco_evaluate(gt, path)
+    assert "dt.json" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- per-class AP
+
+
+@pytest.mark.parametrize(
+    ("area_rng", "labels"),
+    [
+        (
+            [[0, 32**2], [32**2, 96**2], [0, 1e10], [96**2, 1e10]],
+            ["small", "medium", "all", "large"],
+        ),
+        ([[96**2, 1e10], [0, 1e10]], ["large", "all"]),
+    ],
+)
+def test_per_class_ap_uses_the_range_labelled_all(area_rng, labels):
+    gt, dt = make_case(5, "bbox")
+    ev, printed = oracle(gt, dt, "bbox", areaRng=area_rng, areaRngLbl=labels)
+    ours = coco_evaluate(gt, dt, "bbox", area_rng=area_rng, area_rng_lbl=labels)
+    assert_same(ours, ev, printed)
+    a = labels.index("all")
+    assert ours.per_class_area == "all" and ours.per_class_area_index == a
+    default = coco_evaluate(gt, dt, "bbox").per_class
+    for k, (name, ap) in enumerate(ours.per_class.items()):
+        s = ev.eval["precision"][:, :, k, a, -1]
+        assert ap == (float(np.mean(s[s > -1])) if (s > -1).any() else -1.0)
+        assert ap == default[name]
+
+
+def test_per_class_ap_without_an_all_label_uses_the_widest_range():
+    gt, dt = make_case(5, "bbox")
+    ours = coco_evaluate(
+        gt, dt, "bbox", area_rng=[[32**2, 1e10], [0, 1e10]], area_rng_lbl=["big", "any"]
+    )
+    assert ours.per_class_area == "any"
+    assert ours.per_class == coco_evaluate(gt, dt, "bbox").per_class

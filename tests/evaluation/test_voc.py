@@ -256,3 +256,57 @@ def test_ragged_ranges_against_a_loop():
     pairs = [(i, j) for i, c in enumerate(counts) for j in range(c)]
     assert list(zip(owner.tolist(), local.tolist(), strict=True)) == pairs
     assert offset.tolist() == [0, 3, 3, 5, 6, 6]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"width": "1e400"}, r"<size/width> is not a finite number: '1e400'"),
+        ({"width": "abc"}, r"<size/width> is not a number"),
+        ({"width": "-3"}, r"<size><width> must be a positive integer"),
+        ({"width": "12.5"}, r"<size><width> must be a positive integer"),
+        ({"xmin": "nan"}, r"object 0 <xmin> is not a finite number"),
+        ({"xmax": "1e400"}, r"object 0 <xmax> is not a finite number"),
+        ({"difficult": "yes"}, r"object 0 <difficult> must be 0 or 1"),
+        ({"difficult": "1e400"}, r"object 0 <difficult> must be 0 or 1"),
+    ],
+)
+def test_voc_xml_numbers_of_the_wrong_kind_name_the_file(tmp_path, edit, message):
+    fields = {"width": "100", "xmin": "1", "xmax": "10", "difficult": "0", **edit}
+    (tmp_path / "000001.xml").write_text(
+        f"<annotation><size><width>{fields['width']}</width><height>80</height></size>"
+        f"<object><name>dog</name><difficult>{fields['difficult']}</difficult><bndbox>"
+        f"<xmin>{fields['xmin']}</xmin><ymin>1</ymin><xmax>{fields['xmax']}</xmax>"
+        f"<ymax>10</ymax></bndbox></object></annotation>"
+    )
+    with pytest.raises(ValueError, match=rf"000001\.xml: .*{message}"):
+        load_voc_annotations(tmp_path)
+
+
+def test_voc_ground_truth_is_validated_before_names_are_resolved(tmp_path):
+    gt, dt = _hand_case()
+    gt["images"] = 5
+    path = tmp_path / "gt.json"
+    path.write_text(__import__("json").dumps(gt))
+    with pytest.raises(ValueError, match=r"gt\.json: missing list 'images'"):
+        voc_evaluate(path, dt)
+    gt, dt = _hand_case()
+    del gt["categories"]
+    with pytest.raises(ValueError, match=r"missing list 'categories'"):
+        voc_evaluate(gt, dt)
+    gt, dt = _hand_case()
+    gt["images"][0]["id"] = [1]
+    with pytest.raises(ValueError, match=r"images\[0\]\.id: expected an integer or string id"):
+        voc_evaluate(gt, dt)
+
+
+def test_voc_deeply_nested_results_and_empty_map(tmp_path):
+    gt, _ = _hand_case()
+    path = tmp_path / "dt.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=r"dt\.json.*nested too deeply"):
+        voc_evaluate(gt, path)
+    # No class with ground truth: mAP NaN, written as null (strict JSON), not NaN.
+    gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], "annotations": []}
+    r = voc_evaluate(gt, [])
+    assert math.isnan(r.map) and r.to_dict()["map"] is None

@@ -41,10 +41,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_voc)
 
 
-def _write_json(path: str, data: dict[str, Any]) -> None:
+def _check_output(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be a file we write."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # missing folders are created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is not a directory")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot")
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise ValueError(f"--json and --plot name the same file {args.json}")
+
+
+def _write(path: str, flag: str, write) -> None:
+    """``write(path)``; an OSError names the user's path, never our temporary file."""
+    try:
+        write(path)
+    except OSError as err:
+        raise OSError(f"{flag} {path}: cannot write: {err.strerror or err}") from None
+
+
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"  # strict JSON: no NaN
+
+
+def _write_json(path: str, text: str) -> None:
     from cnnkit.atomic import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    _write(path, "--json", lambda p: atomic_write_text(p, text))
+
+
+def _plot(path: str, curves: dict, title: str, envelope: bool) -> None:
+    from cnnkit.viz import plot_pr_curves
+
+    _write(path, "--plot", lambda p: plot_pr_curves(curves, p, title=title, envelope=envelope))
 
 
 def _check_inputs(*paths: str) -> None:
@@ -53,50 +91,58 @@ def _check_inputs(*paths: str) -> None:
             raise ValueError(f"{path}: no such file or directory")
 
 
+def _coco_curves(result) -> dict:
+    """Mean interpolated precision over the categories at IoU .50 and .75 (the per-class
+    area range, largest maxDets)."""
+    p = result.params
+    area = result.per_class_area_index
+    curves = {}
+    for thr in (0.5, 0.75):
+        t = np.flatnonzero(np.isclose(p.iou_thrs, thr))
+        if len(t) == 0:
+            continue
+        s = result.precision[t[0], :, :, area, -1]  # [R, K]
+        s = np.where(s > -1, s, np.nan)
+        if np.isnan(s).all():
+            continue
+        curves[f"IoU={thr:.2f} (mean over categories)"] = (p.rec_thrs, np.nanmean(s, axis=1))
+    if not curves:
+        raise ValueError("--plot: no category has ground truth, nothing to draw")
+    return curves
+
+
 def run_coco(args: argparse.Namespace) -> int:
+    """Evaluate, then write every output; bad input stops before anything is printed or
+    written."""
     from cnnkit.evaluation import coco_evaluate
 
     _check_inputs(args.gt, args.dt)
+    _check_outputs(args)
     result = coco_evaluate(args.gt, args.dt, args.iou_type)
+    text = _json_text(result.to_dict()) if args.json else None
+    if args.plot:
+        title = f"COCO {result.params.iou_type} precision / recall"
+        _plot(args.plot, _coco_curves(result), title, False)
+    if args.json:
+        _write_json(args.json, text)
     print(result.summary())
     if args.per_class:
         print()
         print(result.per_class_table())
-    if args.json:
-        _write_json(args.json, result.to_dict())
-    if args.plot:
-        from cnnkit.viz import plot_pr_curves
-
-        p = result.params
-        curves = {}
-        for thr in (0.5, 0.75):
-            t = np.flatnonzero(np.isclose(p.iou_thrs, thr))
-            if len(t) == 0:
-                continue
-            s = result.precision[t[0], :, :, 0, -1]  # [R, K], area "all", largest maxDets
-            s = np.where(s > -1, s, np.nan)
-            if np.isnan(s).all():
-                continue
-            curves[f"IoU={thr:.2f} (mean over categories)"] = (p.rec_thrs, np.nanmean(s, axis=1))
-        if not curves:
-            raise ValueError("--plot: no category has ground truth, nothing to draw")
-        plot_pr_curves(curves, args.plot, title=f"COCO {p.iou_type} precision / recall")
     return 0
 
 
 def run_voc(args: argparse.Namespace) -> int:
+    """As run_coco; the plot draws each class's interpolated precision (the AP's curve)."""
     from cnnkit.evaluation import voc_evaluate
 
     _check_inputs(args.gt, args.dt)
+    _check_outputs(args)
     result = voc_evaluate(
         args.gt, args.dt, iou_threshold=args.iou, use_07_metric=not args.all_point
     )
-    print(result.summary())
-    if args.json:
-        _write_json(args.json, result.to_dict())
+    text = _json_text(result.to_dict()) if args.json else None
     if args.plot:
-        from cnnkit.viz import plot_pr_curves
-
         curves = {
             f"{k} (AP {result.ap[k]:.3f})": (result.recall[k], result.precision[k])
             for k in result.ap
@@ -104,5 +150,9 @@ def run_voc(args: argparse.Namespace) -> int:
         }
         if not curves:
             raise ValueError("--plot: no class has ground truth, nothing to draw")
-        plot_pr_curves(curves, args.plot, title=f"PASCAL VOC precision / recall (IoU {args.iou:g})")
+        title = f"PASCAL VOC precision / recall (IoU {args.iou:g})"
+        _plot(args.plot, curves, title, True)
+    if args.json:
+        _write_json(args.json, text)
+    print(result.summary())
     return 0

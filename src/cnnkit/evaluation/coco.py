@@ -18,6 +18,11 @@ area; an annotation's own ``"ignore"`` field is overwritten by ``iscrowd`` (pass
 ``loadRes`` (see ``coco_io``). An empty results list, on which pycocotools' ``loadRes`` fails
 (it reads ``results[0]``), is evaluated as a detector that found nothing: what COCOeval gives
 with an empty result set (0 where there is ground truth, -1 elsewhere).
+
+Stricter than pycocotools on purpose: every field the evaluation reads must have its JSON type
+(``coco_io.read_ground_truth`` lists them). ``iscrowd`` is 0, 1, true or false: pycocotools
+reads the flag twice, as its truth value (ignore) and as ``int(v)`` (crowd IoU), and a string
+such as "0" is set for the first and unset for the second, so it is an error here.
 """
 
 from __future__ import annotations
@@ -72,8 +77,10 @@ class COCOResult:
     stats: the summary numbers in pycocotools' order (12, or 10 for keypoints), -1 where
     undefined; precision [T, R, K, A, M] and recall [T, K, A, M] laid out as pycocotools'
     ``eval['precision']`` / ``eval['recall']``; per_class: AP@[.50:.95] of each category (area
-    "all", largest maxDets), -1 for a category without ground truth; keyed by category name
-    (or id where names are missing or repeated).
+    range ``per_class_area``, largest maxDets), -1 for a category without ground truth; keyed
+    by category name (or id where names are missing or repeated). ``per_class_area`` is the
+    range labelled "all" (found by its label, wherever it is in ``area_rng``), or without such
+    a label the widest range (lowest low end, then highest high end).
     """
 
     params: COCOParams
@@ -83,6 +90,12 @@ class COCOResult:
     per_class: dict[Any, float]
     cat_ids: list[Any]
     lines: list[str] = field(repr=False, default_factory=list)
+    per_class_area: str = "all"
+
+    @property
+    def per_class_area_index(self) -> int:
+        """Index into the area axis of ``precision`` / ``recall`` of ``per_class_area``."""
+        return area_index(self.params, self.per_class_area)
 
     def summary(self) -> str:
         """pycocotools' printed summary, one line per number."""
@@ -96,13 +109,30 @@ class COCOResult:
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"iou_type", "stats", "per_class", "lines"}``."""
+        """JSON-ready ``{"iou_type", "stats", "per_class", "per_class_area", "lines"}``."""
         return {
             "iou_type": self.params.iou_type,
             "stats": [float(s) for s in self.stats],
             "per_class": {str(k): float(v) for k, v in self.per_class.items()},
+            "per_class_area": self.per_class_area,
             "lines": list(self.lines),
         }
+
+
+def per_class_area(p: COCOParams) -> str:
+    """Label of the area range that per-category AP uses: "all" where there is such a label,
+    else the widest range (lowest low end, then highest high end)."""
+    if "all" in p.area_rng_lbl:
+        return "all"
+    widest = min(range(len(p.area_rng)), key=lambda a: (p.area_rng[a][0], -p.area_rng[a][1]))
+    return p.area_rng_lbl[widest]
+
+
+def area_index(p: COCOParams, label: str) -> int:
+    """Index of the area range labelled ``label`` (the first, if the label repeats)."""
+    if label not in p.area_rng_lbl:
+        raise ValueError(f"no area range labelled {label!r} (area_rng_lbl={p.area_rng_lbl})")
+    return p.area_rng_lbl.index(label)
 
 
 def _summarize(p: COCOParams, precision: np.ndarray, recall: np.ndarray) -> tuple[list, list]:
@@ -378,6 +408,7 @@ def _evaluate(g: GroundTruth, d: Detections, p: COCOParams, progress: bool) -> C
         p.rec_thrs,
     )
     stats, lines = _summarize(p, precision, recall)
+    area = area_index(p, per_class_area(p))
     cat_ids = [c.item() if isinstance(c, np.generic) else c for c in g.cat_ids[cat_ok]]
     names = [n for n, ok in zip(g.cat_names, cat_ok, strict=True) if ok]
     return COCOResult(
@@ -385,18 +416,21 @@ def _evaluate(g: GroundTruth, d: Detections, p: COCOParams, progress: bool) -> C
         stats=stats,
         precision=precision,
         recall=recall,
-        per_class=_per_class(names, cat_ids, precision) if p.use_cats else {},
+        per_class=_per_class(names, cat_ids, precision, area) if p.use_cats else {},
         cat_ids=cat_ids,
         lines=lines,
+        per_class_area=p.area_rng_lbl[area],
     )
 
 
-def _per_class(names: list[str], ids: list[Any], precision: np.ndarray) -> dict[Any, float]:
-    """AP@[.50:.95] (area "all", largest maxDets) of each evaluated category, by name (by id
-    where names repeat)."""
+def _per_class(
+    names: list[str], ids: list[Any], precision: np.ndarray, area: int
+) -> dict[Any, float]:
+    """AP@[.50:.95] (area range ``area``, largest maxDets) of each evaluated category, by name
+    (by id where names repeat)."""
     keys = names if len(set(names)) == len(names) else ids
     out = {}
     for k, key in enumerate(keys):
-        s = precision[:, :, k, 0, -1]
+        s = precision[:, :, k, area, -1]
         out[key] = float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
     return out

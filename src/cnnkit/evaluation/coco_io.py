@@ -16,6 +16,7 @@ the keypoints' extent.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,12 +68,22 @@ class Detections:
 
 
 def load_json(source: str | os.PathLike, what: str) -> Any:
-    """Parsed JSON of ``source``; bad JSON is a ValueError naming the file."""
+    """Parsed JSON of ``source``; a file that is empty, not UTF-8, not JSON or nested too
+    deeply for Python's parser is a ValueError naming the file."""
+    name = os.fspath(source)
     try:
         with open(source, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} file {os.fspath(source)!r} is not valid JSON: {err}") from None
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {name!r} is not UTF-8 text: {err.reason}") from None
+    if not text.strip():
+        raise ValueError(f"{what} file {name!r} is empty")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} file {name!r}: JSON nested too deeply to read") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise ValueError(f"{what} file {name!r} is not valid JSON: {err}") from None
 
 
 def _column(records: Sequence[Any], key: str, where: str, default: Any = KeyError) -> list[Any]:
@@ -92,46 +103,153 @@ def _column(records: Sequence[Any], key: str, where: str, default: Any = KeyErro
         raise
 
 
-def _numbers(values: list[Any], where: str, field: str, width: int | None = None) -> np.ndarray:
-    """float64 array [N] (or [N, width]) whose entries are finite; errors name the entry."""
+def _note(records: Sequence[Any], i: int) -> str:
+    """`` (id X)`` where entry ``i`` carries an id, to find it in the file."""
+    r = records[i]
+    if isinstance(r, Mapping) and "id" in r:
+        return f" (id {_short(r['id'])})"
+    return ""
+
+
+def _names(records: Sequence[Any], where: str) -> list[str]:
+    """``where[i]`` (with `` (id X)`` where the entry has an id) of every record."""
+    return [f"{where}[{i}]{_note(records, i)}" for i in range(len(records))]
+
+
+# JSON numbers are int or float; bool is an int subclass, but ``true`` is not a number here.
+_FAST_NUMBER = {int, float}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
+def _is_row(v: Any, width: int) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.shape == (width,) and v.dtype.kind in "iuf"
+    return isinstance(v, (list, tuple)) and len(v) == width and all(_is_number(x) for x in v)
+
+
+def _numbers(
+    values: list[Any],
+    where: str,
+    field: str,
+    width: int | None = None,
+    records: Sequence[Any] | None = None,
+    nonnegative: bool = False,
+) -> np.ndarray:
+    """float64 array [N] (or [N, width]) of JSON numbers (not strings, not booleans) that are
+    finite (and >= 0 if ``nonnegative``); errors name the entry (and its annotation id)."""
     if len(values) == 0:
         return np.zeros((0,) if width is None else (0, width))
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-        shape_ok = arr.ndim == 1 if width is None else arr.shape == (len(values), width)
-    except (TypeError, ValueError):
-        shape_ok = False
-    if not shape_ok:
+    recs = values if records is None else records
+    if width is None:
+        ok = all(type(v) in _FAST_NUMBER for v in values) or all(_is_number(v) for v in values)
+    else:
+        ok = all(_is_row(v, width) for v in values)
+    arr = None
+    if ok:
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64's range
+            arr = None
+    if arr is None:
         for i, v in enumerate(values):
+            row = [v] if width is None else v
+            if width is None and not _is_number(v):
+                raise ValueError(f"{where}[{i}].{field}: not a number: {_short(v)}{_note(recs, i)}")
+            if width is not None and not _is_row(v, width):
+                raise ValueError(
+                    f"{where}[{i}].{field}: expected {width} numbers, got {_short(v)}{_note(recs, i)}"
+                )
             try:
-                a = np.asarray(v, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}[{i}].{field}: not a number: {v!r}") from None
-            if (width is None and a.ndim != 0) or (width is not None and a.shape != (width,)):
-                want = "a number" if width is None else f"{width} numbers"
-                raise ValueError(f"{where}[{i}].{field}: expected {want}, got {v!r}")
-        raise ValueError(f"{where}: field {field!r} has inconsistent entries")
+                [float(x) for x in row]
+            except OverflowError:
+                raise ValueError(
+                    f"{where}[{i}].{field}: number too large: {_short(v)}{_note(recs, i)}"
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
     bad = ~np.isfinite(arr) if arr.ndim == 1 else ~np.isfinite(arr).all(axis=1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{where}[{i}].{field}: not finite: {values[i]!r}")
+        raise ValueError(f"{where}[{i}].{field}: not finite: {_short(values[i])}{_note(recs, i)}")
+    if nonnegative:
+        neg = arr < 0 if arr.ndim == 1 else (arr < 0).any(axis=1)
+        if neg.any():
+            i = int(np.argmax(neg))
+            raise ValueError(f"{where}[{i}].{field}: negative: {_short(values[i])}{_note(recs, i)}")
     return arr
 
 
-def _id_array(values: list[Any], where: str, field: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if (
-        arr.ndim != 1
-        or arr.dtype.kind not in "iuU"
-        and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr)))
-    ):
-        for i, v in enumerate(values):
-            if not isinstance(v, (int, str, np.integer)) or isinstance(v, bool):
+def _integers(
+    values: list[Any], where: str, field: str, records: Sequence[Any], lo: int, hi: int
+) -> np.ndarray:
+    """int64 array [N] of integers in [lo, hi] (an integral float such as 3.0 counts)."""
+    for i, v in enumerate(values):
+        integral = _is_number(v) and (
+            isinstance(v, (int, np.integer)) or (math.isfinite(v) and float(v).is_integer())
+        )
+        if not (integral and lo <= v <= hi):
+            raise ValueError(
+                f"{where}[{i}].{field}: expected an integer in [{lo}, {hi}], got {_short(v)}"
+                f"{_note(records, i)}"
+            )
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+# Integer ids are kept as int64; a float id must be integral and exactly representable.
+_ID_MAX = 2**63 - 1
+_FLOAT_ID_MAX = 2**53
+
+
+def _id_array(
+    values: list[Any], where: str, field: str, records: Sequence[Any] | None = None
+) -> np.ndarray:
+    """Ids [N] as int64 (integers, or integral floats such as 3.0) or str, never both."""
+    recs = values if records is None else records
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    if all(type(v) is str for v in values):
+        return np.asarray(values, dtype=str)
+    if all(type(v) is int for v in values):
+        arr = np.asarray(values)
+        if arr.dtype.kind == "i":  # else some id is beyond int64 (uint64 or object array)
+            return arr.astype(np.int64)
+    first: dict[str, int] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            kind = "string"
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            if not -_ID_MAX - 1 <= v <= _ID_MAX:
                 raise ValueError(
-                    f"{where}[{i}].{field}: expected an integer or string id, got {v!r}"
+                    f"{where}[{i}].{field}={_short(v)}: out of range; integer ids must lie "
+                    f"within +-2**63 (64-bit){_note(recs, i)}"
                 )
-        raise ValueError(f"{where}: field {field!r} mixes integer and string ids")
-    return arr.astype(np.int64) if arr.dtype.kind == "f" else arr
+            kind = "integer"
+        elif isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer():
+            if abs(v) > _FLOAT_ID_MAX:
+                raise ValueError(
+                    f"{where}[{i}].{field}={v!r}: a float id must be an integer within +-2**53 "
+                    f"(exactly representable); write it as an integer{_note(recs, i)}"
+                )
+            kind = "integer"
+        else:
+            raise ValueError(
+                f"{where}[{i}].{field}: expected an integer or string id, got {_short(v)}"
+                f"{_note(recs, i)}"
+            )
+        first.setdefault(kind, i)
+    if len(first) > 1:
+        i, j = first["integer"], first["string"]
+        raise ValueError(
+            f"{where}: field {field!r} mixes integer and string ids ([{i}] is {values[i]!r}, "
+            f"[{j}] is {values[j]!r})"
+        )
+    if "string" in first:
+        return np.asarray(values, dtype=str)
+    return np.asarray([int(v) for v in values], dtype=np.int64)
 
 
 def lookup(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -149,38 +267,87 @@ def _indices(
     records: Sequence[Any], key: str, where: str, sorted_ids: np.ndarray, absent: str
 ) -> np.ndarray:
     """Index in ``sorted_ids`` of each record's ``key`` id; an unknown id names its entry."""
-    idx = lookup(sorted_ids, _id_array(_column(records, key, where), where, key))
+    idx = lookup(sorted_ids, _id_array(_column(records, key, where), where, key, records))
     if (idx < 0).any():
         i = int(np.argmax(idx < 0))
-        raise ValueError(f"{where}[{i}].{key}={records[i][key]!r}: {absent}")
+        raise ValueError(
+            f"{where}[{i}].{key}={_short(records[i][key])}: {absent}{_note(records, i)}"
+        )
     return idx
 
 
+def _unique_ids(records: Sequence[Any], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted ids of ``records``, the entry of each, and the ids in file order; a repeated id
+    is an error (pycocotools would silently keep the last entry of that id)."""
+    raw = _id_array(_column(records, "id", where), where, "id", records)
+    ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[int(np.argmax(counts > 1))]
+        at = np.flatnonzero(raw == dup)[:2].tolist()
+        raise ValueError(f"{where}: duplicate id {dup.item()!r} (entries {at[0]} and {at[1]})")
+    return ids, first, raw
+
+
 def _boxes(records: Sequence[Any], where: str) -> np.ndarray:
-    """xywh boxes [N, 4] of the records; a negative width or height names its entry."""
-    bbox = _numbers(_column(records, "bbox", where), where, "bbox", width=4)
+    """xywh boxes [N, 4] of the records: 4 finite numbers, width and height >= 0, whose
+    corners and area are finite too (no overflow in the IoU)."""
+    bbox = _numbers(_column(records, "bbox", where), where, "bbox", width=4, records=records)
     neg = (bbox[:, 2:] < 0).any(axis=1)
     if neg.any():
         i = int(np.argmax(neg))
-        raise ValueError(f"{where}[{i}].bbox={records[i]['bbox']!r}: negative width or height")
+        raise ValueError(
+            f"{where}[{i}].bbox={_short(records[i]['bbox'])}: negative width or height"
+            f"{_note(records, i)}"
+        )
+    with np.errstate(over="ignore"):
+        derived = np.stack(
+            [bbox[:, 0] + bbox[:, 2], bbox[:, 1] + bbox[:, 3], bbox[:, 2] * bbox[:, 3]], axis=1
+        )
+    huge = ~np.isfinite(derived).all(axis=1)
+    if huge.any():
+        i = int(np.argmax(huge))
+        raise ValueError(
+            f"{where}[{i}].bbox={_short(records[i]['bbox'])}: too large (its corner or area "
+            f"overflows){_note(records, i)}"
+        )
     return bbox
 
 
-def _flags(records: Sequence[Mapping[str, Any]], key: str, where: str) -> np.ndarray:
+def _flags(records: Sequence[Any], key: str, where: str) -> np.ndarray:
+    """0/1 flags (iscrowd, ignore, difficult) [N]; absent means 0.
+
+    Accepted: 0, 1 and true, false (pycocotools reads a flag both as ``int(v)`` and as its
+    truth value; these are the values on which both readings agree). A string such as "0" is
+    an error: pycocotools would take it as set for one purpose and unset for the other.
+    """
     values = _column(records, key, where, default=0)
-    try:
-        return np.asarray([bool(v) for v in values], dtype=bool)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: field {key!r} must hold 0/1 flags") from None
+    for i, v in enumerate(values):
+        if not (v is True or v is False or (_is_number(v) and v in (0, 1))):
+            raise ValueError(
+                f"{where}[{i}].{key}: expected 0, 1, true or false, got {_short(v)}"
+                f"{_note(records, i)}"
+            )
+    return np.asarray(values, dtype=bool).reshape(-1)
 
 
-def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) -> GroundTruth:
-    """Validated arrays of a COCO ground truth; every error names the file and entry.
+def read_ground_truth(
+    gt: str | os.PathLike | Mapping[str, Any], iou_type: str, name: str | None = None
+) -> GroundTruth:
+    """Validated arrays of a COCO ground truth; every error names the file (or ``name``) and
+    entry, and the annotation's id where it has one.
 
     Unlike pycocotools, which silently drops annotations of images or categories that the
-    file does not list, those are errors here.
+    file does not list, those are errors here; so are repeated image, category or annotation
+    ids. Every field that the evaluation of ``iou_type`` reads must have its JSON type: ids
+    integers (64-bit; an integral float such as 3.0 counts) or strings, never both in one
+    field; ``bbox`` 4 finite numbers with width, height >= 0; ``area`` a finite number >= 0;
+    ``iscrowd`` / ``ignore`` / ``difficult`` 0, 1, true or false; for segm, image ``height``
+    / ``width`` positive integers and ``segmentation`` polygons or an RLE of the image's size;
+    for keypoints, ``keypoints`` 3K finite numbers and ``num_keypoints`` an integer >= 0.
+    Fields the evaluation does not read are not checked.
     """
-    name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "ground truth"
+    if name is None:
+        name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "ground truth"
     data = load_json(gt, "ground truth") if isinstance(gt, (str, os.PathLike)) else gt
     if not isinstance(data, Mapping):
         raise ValueError(f"{name}: a COCO ground truth is an object with 'images', 'annotations'")
@@ -193,17 +360,19 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
     images, cats = data["images"], data["categories"]
     where_i, where_c, where_a = f"{name}: images", f"{name}: categories", f"{name}: annotations"
 
-    img_ids_raw = _id_array(_column(images, "id", where_i), where_i, "id")
-    image_ids, first = np.unique(img_ids_raw, return_index=True)
+    image_ids, first, _ = _unique_ids(images, where_i)
     if iou_type == "segm":
-        heights = _numbers(_column(images, "height", where_i), where_i, "height")[first]
-        widths = _numbers(_column(images, "width", where_i), where_i, "width")[first]
+        # Masks are rasterized at the image size: positive integers (pycocotools' C int).
+        size = {}
+        for key in ("height", "width"):
+            values = _column(images, key, where_i)
+            size[key] = _integers(values, where_i, key, images, 1, 2**31 - 1)[first]
+        heights, widths = size["height"], size["width"]
     else:
         heights = widths = np.zeros(len(image_ids))
     file_names = [str(images[i].get("file_name", "")) for i in first]
 
-    cat_ids_raw = _id_array(_column(cats, "id", where_c), where_c, "id")
-    cat_ids, cfirst = np.unique(cat_ids_raw, return_index=True)
+    cat_ids, cfirst, _ = _unique_ids(cats, where_c)
     names = [str(cats[i].get("name", cat_ids[j])) for j, i in enumerate(cfirst)]
 
     n = len(anns)
@@ -213,10 +382,7 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
     if n and all(v is None for v in ids):
         ann_id = np.arange(1, n + 1, dtype=np.int64)  # ids only need to be distinct
     else:
-        ann_id = _id_array(_column(anns, "id", where_a), where_a, "id")
-        uniq, counts = np.unique(ann_id, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"{where_a}: duplicate annotation id {uniq[np.argmax(counts > 1)]!r}")
+        ann_id = _unique_ids(anns, where_a)[2]  # in file order
 
     bbox = np.zeros((n, 4))
     if iou_type != "segm" or (n and "bbox" in anns[0]):
@@ -239,16 +405,23 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
     )
     if iou_type == "segm":
         out.segmentation = _column(anns, "segmentation", where_a)
+        coco_masks.check_all(
+            out.segmentation, heights[ann_img], widths[ann_img], _names(anns, where_a)
+        )
     if iou_type == "keypoints":
-        out.keypoints = _keypoint_rows(_column(anns, "keypoints", where_a), where_a)
+        out.keypoints = _keypoint_rows(_column(anns, "keypoints", where_a), where_a, anns)
         vis = np.count_nonzero(out.keypoints[:, 2::3] > 0, axis=1)
         nk = _column(anns, "num_keypoints", where_a, default=None)
         # pycocotools requires num_keypoints; without it, count the labelled points.
-        out.num_keypoints = np.asarray(
-            [v if k is None else k for k, v in zip(nk, vis, strict=True)], dtype=np.int64
-        )
+        given = [i for i, k in enumerate(nk) if k is not None]
+        nk_given = _integers([nk[i] for i in given], where_a, "num_keypoints", anns, 0, 2**31)
+        out.num_keypoints = vis.astype(np.int64)
+        out.num_keypoints[given] = nk_given
     areas = _column(anns, "area", where_a, default=None)
     missing = [i for i, a in enumerate(areas) if a is None]
+    present = [i for i, a in enumerate(areas) if a is not None]
+    # Check the given areas first, so that a wrong one is named as given.
+    _numbers([areas[i] for i in present], where_a, "area", records=[anns[i] for i in present])
     if missing:
         # pycocotools requires "area"; we fall back to the box (or mask) area.
         idx = np.asarray(missing)
@@ -265,11 +438,12 @@ def read_ground_truth(gt: str | os.PathLike | Mapping[str, Any], iou_type: str) 
             fill = bbox[idx, 2] * bbox[idx, 3]
         for i, f in zip(missing, fill.tolist(), strict=True):
             areas[i] = f
-    out.area = _numbers(areas, where_a, "area")
+    out.area = _numbers(areas, where_a, "area", records=anns, nonnegative=True)
     return out
 
 
-def _keypoint_rows(values: list[Any], where: str) -> np.ndarray:
+def _keypoint_rows(values: list[Any], where: str, records: Sequence[Any]) -> np.ndarray:
+    """Flat keypoints [N, 3K]: lists of the same length 3K of finite numbers."""
     if not values:
         return np.zeros((0, 0))
     lengths = {len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1 for v in values}
@@ -281,8 +455,19 @@ def _keypoint_rows(values: list[Any], where: str) -> np.ndarray:
                 or len(v) % 3
                 or len(v) != len(values[0])
             ):
-                raise ValueError(f"{where}[{i}].keypoints: expected 3K numbers like the others")
-    return _numbers(values, where, "keypoints", width=width).reshape(len(values), -1)
+                raise ValueError(
+                    f"{where}[{i}].keypoints: expected 3K numbers (x, y, v per keypoint) like "
+                    f"the others ({len(values[0]) if isinstance(values[0], list) else '?'}), "
+                    f"got {_short(v)}{_note(records, i)}"
+                )
+    return _numbers(values, where, "keypoints", width=width, records=records).reshape(
+        len(values), -1
+    )
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def is_predictions(dt: Any) -> bool:
@@ -319,7 +504,16 @@ def predictions_to_results(
         n = len(scores)
         if len(labels) != n:
             raise ValueError(f"{where}: {n} scores but {len(labels)} labels")
-        cats = [label_map[int(v)] if label_map is not None else int(v) for v in labels]
+        if labels.dtype.kind not in "iu" and not (
+            labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels % 1 == 0).all()
+        ):
+            raise ValueError(f"{where}: labels must be integers, got {labels.dtype} {labels[:5]}")
+        cats = [int(v) for v in labels]
+        if label_map is not None:
+            unknown = [v for v in cats if v not in label_map]
+            if unknown:
+                raise ValueError(f"{where}: label {unknown[0]} is not in label_map")
+            cats = [label_map[v] for v in cats]
         extra: list[dict[str, Any]] = [{} for _ in range(n)]
         if iou_type == "bbox":
             if "boxes" not in pred:
@@ -366,7 +560,14 @@ def parse_results(
     """The result dicts of ``dt`` (unvalidated): a path is read, a COCO-style dict gives its
     "annotations", per-image predictions are converted; anything else is returned as is."""
     if isinstance(dt, (str, os.PathLike)):
+        name = os.fspath(dt)
         dt = load_json(dt, "results")
+        if isinstance(dt, Mapping) and "annotations" not in dt:
+            # JSON keys are strings: per-image predictions cannot come from a file.
+            raise ValueError(
+                f"results {name!r}: expected a list of result objects (or a COCO-style object "
+                f"with 'annotations'), got an object with keys {_short(list(dt)[:5])}"
+            )
     if isinstance(dt, Mapping) and "annotations" in dt:
         return dt["annotations"]  # a COCO-style file whose annotations carry scores
     if is_predictions(dt):
@@ -379,9 +580,12 @@ def read_detections(
     gt: GroundTruth,
     iou_type: str,
     label_map: Mapping[int, Any] | None = None,
+    where: str | None = None,
 ) -> Detections:
-    """Validated arrays of detection results against ``gt``; errors name ``results[i].field``."""
-    where = f"results {os.fspath(dt)!r}" if isinstance(dt, (str, os.PathLike)) else "results"
+    """Validated arrays of detection results against ``gt``; errors name ``results[i].field``
+    (``where`` replaces "results" / "results 'FILE'" for results already parsed)."""
+    if where is None:
+        where = f"results {os.fspath(dt)!r}" if isinstance(dt, (str, os.PathLike)) else "results"
     dt = parse_results(dt, iou_type, label_map)
     if not isinstance(dt, list):
         raise ValueError(f"{where}: expected a list of result objects, got {type(dt).__name__}")
@@ -399,7 +603,7 @@ def read_detections(
         )
     img = _indices(dt, "image_id", where, gt.image_ids, "not an image of the ground truth")
     cat = _indices(dt, "category_id", where, gt.cat_ids, "not a category of the ground truth")
-    score = _numbers(_column(dt, "score", where), where, "score")
+    score = _numbers(_column(dt, "score", where), where, "score", records=dt)
     out = Detections(img=img, cat=cat, score=score, area=np.zeros(n))
 
     # The first result decides how areas are computed (pycocotools' loadRes).
@@ -410,8 +614,9 @@ def read_detections(
         out.bbox = _boxes(dt, where)
     if iou_type == "segm" or (not has_box and "segmentation" in first):
         out.segmentation = _column(dt, "segmentation", where)
+        coco_masks.check_all(out.segmentation, gt.heights[img], gt.widths[img], _names(dt, where))
     if iou_type == "keypoints" or (not has_box and "segmentation" not in first):
-        out.keypoints = _keypoint_rows(_column(dt, "keypoints", where), where)
+        out.keypoints = _keypoint_rows(_column(dt, "keypoints", where), where, dt)
         gk = gt.keypoints
         if gk is not None and len(gk) and out.keypoints.shape[1] != gk.shape[1]:
             raise ValueError(
@@ -429,7 +634,12 @@ def read_detections(
         out.area = coco_masks.areas(rles)
     elif "keypoints" in first:
         x, y = out.keypoints[:, 0::3], out.keypoints[:, 1::3]
-        out.area = (x.max(axis=1) - x.min(axis=1)) * (y.max(axis=1) - y.min(axis=1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            out.area = (x.max(axis=1) - x.min(axis=1)) * (y.max(axis=1) - y.min(axis=1))
+        huge = ~np.isfinite(out.area)
+        if huge.any():
+            i = int(np.argmax(huge))
+            raise ValueError(f"{where}[{i}].keypoints: too large (their extent overflows)")
     else:
         raise ValueError(f"{where}[0]: needs a 'bbox', 'segmentation' or 'keypoints' field")
     return out

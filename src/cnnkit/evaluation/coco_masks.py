@@ -15,12 +15,79 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
 def _check_rle(segm: dict[str, Any], h: int, w: int, where: str) -> None:
-    size = segm.get("size")
-    if "counts" not in segm or size is None:
+    """An RLE is ``{"size": [h, w], "counts": str | [int, ...]}`` of the image's size; run
+    lengths (uncompressed) are non-negative integers covering exactly h * w pixels."""
+    size, counts = segm.get("size"), segm.get("counts")
+    if counts is None or size is None:
         raise ValueError(f"{where}.segmentation: an RLE needs 'counts' and 'size'")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+        raise ValueError(f"{where}.segmentation: RLE size must be [height, width], got {size!r}")
     if [int(v) for v in size] != [h, w]:
         raise ValueError(f"{where}.segmentation: RLE size {list(size)} differs from image {[h, w]}")
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            raise ValueError(
+                f"{where}.segmentation: RLE counts must be non-negative integers (or a "
+                f"compressed string)"
+            )
+        if sum(counts) != h * w:
+            raise ValueError(
+                f"{where}.segmentation: RLE counts add up to {sum(counts)} pixels, the image "
+                f"has {h} x {w} = {h * w}"
+            )
+    elif isinstance(counts, bytes):
+        if not counts.isascii():
+            raise ValueError(f"{where}.segmentation: compressed RLE counts must be ASCII")
+    elif not (isinstance(counts, str) and counts.isascii()):
+        raise ValueError(
+            f"{where}.segmentation: RLE counts must be a list of integers or a compressed "
+            f"ASCII string, got {type(counts).__name__}"
+        )
+
+
+def _check_polygons(segm: list[Any], where: str) -> None:
+    """Polygons: lists of an even number of finite numbers (x1, y1, x2, y2, ...)."""
+    for j, part in enumerate(segm):
+        if not (isinstance(part, list) and part and len(part) % 2 == 0):
+            raise ValueError(
+                f"{where}.segmentation[{j}]: a polygon is a list of x, y pairs (an even count "
+                f"of numbers)"
+            )
+        if not all(_is_number(v) and np.isfinite(v) for v in part):
+            bad = next(v for v in part if not (_is_number(v) and np.isfinite(v)))
+            raise ValueError(f"{where}.segmentation[{j}]: not a finite number: {bad!r}")
+
+
+def check(segm: Any, h: int, w: int, name: str) -> None:
+    """Validate one segmentation (polygons, or an RLE of the ``h`` x ``w`` image); errors
+    name ``name.segmentation``."""
+    if isinstance(segm, dict):
+        _check_rle(segm, h, w, name)
+    elif isinstance(segm, list) and segm and all(isinstance(p, list) for p in segm):
+        _check_polygons(segm, name)
+        if len(segm[0]) < 4:
+            raise ValueError(f"{name}.segmentation: a polygon needs at least 3 points")
+    else:
+        raise ValueError(f"{name}.segmentation: expected polygons or an RLE dict")
+
+
+def check_all(
+    segms: Sequence[Any], heights: np.ndarray, widths: np.ndarray, names: Sequence[str]
+) -> None:
+    """``check`` every segmentation [N] (image sizes ``heights`` / ``widths`` [N])."""
+    for segm, h, w, name in zip(segms, heights.tolist(), widths.tolist(), names, strict=True):
+        check(segm, int(h), int(w), name)
 
 
 def to_rles(
@@ -38,24 +105,17 @@ def to_rles(
     polys_by_size: dict[tuple[int, int], list[int]] = {}
     for i, segm in enumerate(segms):
         h, w = int(heights[i]), int(widths[i])
-        name = f"{where}[{int(indices[i])}]"
+        check(segm, h, w, f"{where}[{int(indices[i])}]")
         if isinstance(segm, dict):
-            _check_rle(segm, h, w, name)
             if isinstance(segm["counts"], list):
                 out[i] = mask_utils.frPyObjects(segm, h, w)  # uncompressed RLE
             else:
                 out[i] = segm
-        elif isinstance(segm, list) and segm and all(isinstance(p, list) for p in segm):
-            first = len(segm[0])
-            if first > 4:
-                polys_by_size.setdefault((h, w), []).append(i)
-            elif first == 4:
-                # pycocotools reads a 4-number first part as boxes; keep its behaviour.
-                out[i] = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-            else:
-                raise ValueError(f"{name}.segmentation: a polygon needs at least 3 points")
+        elif len(segm[0]) > 4:
+            polys_by_size.setdefault((h, w), []).append(i)
         else:
-            raise ValueError(f"{name}.segmentation: expected polygons or an RLE dict")
+            # pycocotools reads a 4-number first part as boxes; keep its behaviour.
+            out[i] = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
     for (h, w), members in polys_by_size.items():
         parts = [p for i in members for p in segms[i]]
         rles = mask_utils.frPyObjects(parts, h, w)  # parts[0] has > 4 numbers: polygons

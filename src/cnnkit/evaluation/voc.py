@@ -23,6 +23,7 @@ devkit's ``x_max - x_min + 1``; every IoU, ground truth and detections alike (CO
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
@@ -71,11 +72,11 @@ class VOCResult:
         return "\n".join(rows + self.notes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (NaN APs as null)."""
+        """JSON-ready dict (NaN APs and mAP as null)."""
         return {
             "metric": "voc11" if self.use_07_metric else "voc_all_point",
             "iou_threshold": self.iou_threshold,
-            "map": self.map,
+            "map": None if np.isnan(self.map) else self.map,
             "per_class": {str(k): (None if np.isnan(v) else v) for k, v in self.ap.items()},
             "npos": {str(k): v for k, v in self.npos.items()},
             "excluded": [str(k) for k in self.excluded],
@@ -110,9 +111,33 @@ def _text(node: ET.Element, path: str, file: Path, what: str) -> str:
 def _number(node: ET.Element, path: str, file: Path, what: str) -> float:
     text = _text(node, path, file, what)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{file}: {what} <{path}> is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{file}: {what} <{path}> is not a finite number: {text!r}")
+    return value
+
+
+def _size(doc: ET.Element, key: str, file: Path) -> int | None:
+    """Image ``<size><width>`` / ``<height>``: a positive integer, or None where absent."""
+    text = doc.findtext(f"size/{key}")
+    if text is None or not text.strip():
+        return None
+    value = _number(doc, f"size/{key}", file, "the image")
+    if value <= 0 or not value.is_integer() or value > 2**31 - 1:
+        raise ValueError(f"{file}: <size><{key}> must be a positive integer, got {text.strip()!r}")
+    return int(value)
+
+
+def _difficult(obj: ET.Element, file: Path, what: str) -> int:
+    """``<difficult>``: 0 or 1 (absent or empty: 0)."""
+    text = obj.findtext("difficult")
+    if text is None or not text.strip():
+        return 0
+    if text.strip() not in ("0", "1"):
+        raise ValueError(f"{file}: {what} <difficult> must be 0 or 1, got {text.strip()!r}")
+    return int(text.strip())
 
 
 def load_voc_annotations(directory: str | os.PathLike) -> dict[str, Any]:
@@ -137,9 +162,9 @@ def load_voc_annotations(directory: str | os.PathLike) -> dict[str, Any]:
         image = {"id": image_id, "voc_id": file.stem}
         image["file_name"] = (doc.findtext("filename") or f"{file.stem}.jpg").strip()
         for key in ("width", "height"):
-            value = doc.findtext(f"size/{key}")
-            if value is not None and value.strip():
-                image[key] = int(float(value))
+            value = _size(doc, key, file)
+            if value is not None:
+                image[key] = value
         images.append(image)
         for j, obj in enumerate(doc.iter("object")):
             what = f"object {j}"
@@ -150,7 +175,7 @@ def load_voc_annotations(directory: str | os.PathLike) -> dict[str, Any]:
             x1, y1, x2, y2 = (_number(box, k, file, what) for k in ("xmin", "ymin", "xmax", "ymax"))
             if x2 < x1 or y2 < y1:
                 raise ValueError(f"{file}: {what} ({name}) has xmax < xmin or ymax < ymin")
-            difficult = obj.findtext("difficult")
+            difficult = _difficult(obj, file, what)
             objects.append((image_id, name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], difficult))
     names = sorted({o[1] for o in objects})
     cat_of = {n: i for i, n in enumerate(names, start=1)}
@@ -162,7 +187,7 @@ def load_voc_annotations(directory: str | os.PathLike) -> dict[str, Any]:
             "bbox": bbox,
             "area": bbox[2] * bbox[3],
             "iscrowd": 0,
-            "difficult": int(float(diff)) if diff and diff.strip() else 0,
+            "difficult": diff,
         }
         for i, (img, name, bbox, diff) in enumerate(objects, start=1)
     ]
@@ -210,13 +235,16 @@ def voc_evaluate(
     """
     if not 0.0 <= float(iou_threshold) <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+    gt_name = None
     if isinstance(gt, (str, os.PathLike)):
+        gt_name = os.fspath(gt)
         gt = load_voc_annotations(gt) if Path(gt).is_dir() else load_json(gt, "ground truth")
+    g = read_ground_truth(gt, "bbox", name=gt_name)  # validated before its names are read
+    where = f"results {os.fspath(dt)!r}" if isinstance(dt, (str, os.PathLike)) else "results"
     dt = parse_results(dt, "bbox", label_map)
     if isinstance(gt, Mapping) and isinstance(dt, list):
         dt = _resolve_names(dt, gt)
-    g = read_ground_truth(gt, "bbox")
-    d = read_detections(dt, g, "bbox")
+    d = read_detections(dt, g, "bbox", where=where)
     difficult = g.difficult | g.ignore_flag | g.iscrowd
     num_c = len(g.cat_ids)
 
