@@ -322,3 +322,159 @@ def test_window_ladder_doubles_at_most():
     assert roi_pool_module._ladder([1]) == [1]
     assert roi_pool_module._ladder([2, 8, 4]) == [1, 2, 4, 8]
     assert roi_pool_module._ladder([3, 13]) == [1, 2, 3, 6, 12, 13]
+
+
+# ------------------------------------------------------------ layout, as torchvision's
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 7)])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, b, s: roi_align(x, b, s, 0.5, 2, aligned=False),
+        lambda x, b, s: roi_align(x, b, s, 0.5, 2, aligned=True),
+        lambda x, b, s: roi_align(x, b, s, 0.5, -1, aligned=True),  # one RoI group per grid
+        lambda x, b, s: roi_pool(x, b, s, 0.5),
+    ],
+    ids=["align", "align-aligned", "align-adaptive", "pool"],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_are_contiguous_like_torchvision(op, size, k, channels_last):
+    # torchvision returns a contiguous [K, C, ph, pw] tensor (also for a channels_last input), and
+    # code written for it flattens with .view: a permuted view would raise there.
+    x, rois = random_case(seed=11, c=3, k=max(k, 1), dtype=torch.float32)
+    rois = rois[:k]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = op(x, rois, size)
+    assert out.shape == (k, 3, *size)
+    assert out.is_contiguous()
+    # .view raises on a non-contiguous layout (and on [0, -1]: ambiguous, for torchvision too)
+    flat = out.view(k, -1) if k else out.view(0, 3 * size[0] * size[1])
+    flat.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_multiscale_output_is_contiguous():
+    feats = {n: torch.randn(1, 3, 64 // 2**i, 64 // 2**i) for i, n in enumerate(["p2", "p3"])}
+    boxes = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [3.0, 5.0, 60.0, 62.0]])]
+    for names in (["p2"], ["p2", "p3"]):
+        out = MultiScaleRoIAlign(names, (7, 7), 2)(feats, boxes, [(256, 256)])
+        assert out.is_contiguous()
+        assert out.view(2, -1).shape == (2, 3 * 49)
+
+
+# ------------------------------------------------------- reduced-precision feature maps
+
+
+def far_case(seed: int = 12):
+    """A 1/4-scale map of a 1024-pixel image with RoIs near x = 500 (y = 300): there bfloat16
+    holds only every 2nd (4th above 512) pixel and float16 every quarter pixel, so RoIs cast to
+    the feature dtype move by up to a quarter of a feature cell."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 100, 256, generator=gen)
+    x1 = 480.0 + 40.0 * torch.rand(8, generator=gen)
+    y1 = 280.0 + 40.0 * torch.rand(8, generator=gen)
+    w = 20.0 + 60.0 * torch.rand(8, generator=gen)
+    h = 20.0 + 60.0 * torch.rand(8, generator=gen)
+    batch = torch.tensor([0.0, 1.0] * 4)
+    return x, torch.stack((batch, x1, y1, x1 + w, y1 + h), 1)
+
+
+def assert_rounded_float32_result(got, x_low, want_fn, rois, *, sensitive_to=None):
+    """``got`` equals ``want_fn`` computed in float32 on ``x_low.float()``, rounded to
+    ``x_low.dtype`` (within that rounding: 2**-8 relative); and, so that this can fail, RoIs
+    rounded to the low dtype (the old behaviour) would miss by far more."""
+    want = want_fn(x_low.float(), rois).to(x_low.dtype)
+    assert got.dtype == x_low.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+    if sensitive_to is not None:
+        rounded = rois.to(x_low.dtype).float()
+        miss = (want_fn(x_low.float(), rounded) - want.float()).abs().max().item()
+        assert miss > sensitive_to, f"the case is not sensitive to RoI rounding ({miss})"
+
+
+@pytest.mark.parametrize(("dtype", "miss"), [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_low_precision_features_keep_float32_coordinates(dtype, miss, aligned):
+    x, rois = far_case()
+    x_low = x.to(dtype)
+
+    def fn(t, r):
+        return roi_align(t, r, (7, 7), 0.25, 2, aligned)
+
+    assert_rounded_float32_result(fn(x_low, rois), x_low, fn, rois, sensitive_to=miss)
+    # adaptive sampling: the grid of each RoI comes from float32 sizes too
+    adaptive = roi_align(x_low, rois, (7, 7), 0.25, -1, aligned)
+    want = roi_align(x_low.float(), rois, (7, 7), 0.25, -1, aligned).to(dtype)
+    torch.testing.assert_close(adaptive.float(), want.float(), rtol=2**-8, atol=1e-6)
+
+
+def test_roi_align_bfloat16_gradient_is_the_float32_one_rounded():
+    x, rois = far_case()
+    x_low = x.bfloat16().requires_grad_()
+    x32 = x_low.detach().float().requires_grad_()
+    grad = torch.randn(8, 4, 7, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
+    roi_align(x_low, rois, (7, 7), 0.25, 2, True).backward(grad)
+    roi_align(x32, rois, (7, 7), 0.25, 2, True).backward(grad.float())
+    assert x_low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x_low.grad.float(), x32.grad.bfloat16().float(), rtol=2**-8, atol=0)
+
+
+def test_roi_align_under_cpu_autocast_follows_torchvision():
+    # torchvision registers roi_align for autocast: it runs in float32 and casts the result back
+    # to the input's dtype. So float32 features stay float32 (bit for bit the plain result), and
+    # the bfloat16 features that a conv yields under autocast give the float32 result rounded.
+    x, rois = far_case()
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    plain = roi_align(x, rois, (7, 7), 0.25, 2, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(x, rois, (7, 7), 0.25, 2, True)
+        feat = conv(x)
+        pooled = roi_align(feat, rois, (7, 7), 0.25, 2, True)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, plain)
+    assert feat.dtype == torch.bfloat16
+
+    def fn(t, r):
+        return roi_align(t, r, (7, 7), 0.25, 2, True)
+
+    assert_rounded_float32_result(pooled, feat.detach(), fn, rois, sensitive_to=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_roi_pool_low_precision_features_keep_float32_coordinates(dtype):
+    # A max is exact in any dtype, so the result equals the float32 one bit for bit; RoIs rounded
+    # to bfloat16 would shift the quantized bins (501.3 / 4 rounds to 125, 502 / 4 to 126).
+    x, rois = far_case()
+    x_low = x.to(dtype)
+    got = roi_pool(x_low, rois, (7, 7), 0.25)
+    assert got.dtype == dtype
+    assert torch.equal(got, roi_pool(x_low.float(), rois, (7, 7), 0.25).to(dtype))
+    if dtype == torch.bfloat16:
+        shifted = roi_pool(x_low.float(), rois.bfloat16().float(), (7, 7), 0.25)
+        assert not torch.equal(shifted.to(dtype), got)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(roi_pool(x, rois, (7, 7), 0.25), roi_pool(x, rois, (7, 7), 0.25))
+        assert roi_pool(x, rois, (7, 7), 0.25).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_multiscale_roi_align_low_precision_features(dtype):
+    # Levels from float32 box sizes, sampling in float32, one rounding of the output.
+    gen = torch.Generator().manual_seed(13)
+    names = ["p2", "p3", "p4"]
+    feats = {
+        n: torch.randn(1, 3, 1024 // 2**i, 1024 // 2**i, generator=gen).to(dtype)
+        for i, n in enumerate(names, 2)
+    }
+    x1 = 480.0 + 40.0 * torch.rand(12, 1, generator=gen)
+    size = torch.tensor([30.0, 90.0, 150.0, 200.0, 300.0, 440.0] * 2)[:, None]
+    boxes = [torch.cat((x1, x1 - 100.0, x1 + size, x1 - 100.0 + size), 1)]
+    pooler = MultiScaleRoIAlign(names, (7, 7), 2)
+    got = pooler(feats, boxes, [(1024, 1024)])
+    want = pooler({n: f.float() for n, f in feats.items()}, boxes, [(1024, 1024)]).to(dtype)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)

@@ -7,6 +7,13 @@ viewed channels-last as ``[N * H * W, C]`` so that each sampled location is one 
 C-vector, and each output is a weighted sum of gathered rows (``embedding_bag`` with per-sample
 weights: no ``[samples, C]`` intermediate, and its backward is a scatter-add of the same
 weights). Work is done in chunks of RoIs to bound memory.
+
+Precision and layout follow torchvision (whose CPU and CUDA ``roi_align`` are registered for
+autocast to run in float32 and cast the result back to the input's dtype): RoI coordinates,
+sampling positions, bilinear weights and the weighted sums are float32 (float64 for a float64
+input) whatever the feature dtype, so bfloat16 / float16 features give the float32 result
+rounded once; autocast does not change that. Outputs are contiguous ``[K, C, ph, pw]`` tensors
+of the input's dtype (``out.view(K, -1)`` works, as with torchvision).
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ __all__ = ["MultiScaleRoIAlign", "RoIAlign", "roi_align"]
 _CHUNK_ELEMENTS = 1 << 24
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the RoI coordinates and of the arithmetic for features of ``dtype``: float64 for
+    float64, else float32 (bfloat16 cannot even hold x = 501: its spacing there is 4 pixels)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(output_size, int):
         size = (output_size, output_size)
@@ -41,13 +54,15 @@ def convert_boxes_to_rois(boxes: Tensor | Sequence[Tensor], like: Tensor) -> Ten
     """``Tensor[K, 5]`` (batch index, x1, y1, x2, y2) from ``boxes``.
 
     ``boxes`` is either already ``Tensor[K, 5]`` or a list with one ``Tensor[L_i, 4]`` per image.
+    The RoIs have :func:`compute_dtype` of ``like`` (float32 for bfloat16 / float16 features).
     """
+    dtype = compute_dtype(like.dtype)
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError(
                 f"boxes must be Tensor[K, 5] or a list of Tensor[L, 4], got {list(boxes.shape)}"
             )
-        return boxes.to(like.dtype)
+        return boxes.to(dtype)
     if not isinstance(boxes, (list, tuple)):
         raise TypeError(
             f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
@@ -57,10 +72,10 @@ def convert_boxes_to_rois(boxes: Tensor | Sequence[Tensor], like: Tensor) -> Ten
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             shape = list(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got {shape}")
-        b = b.to(device=like.device, dtype=like.dtype)
+        b = b.to(device=like.device, dtype=dtype)
         parts.append(torch.cat((torch.full_like(b[:, :1], i), b), dim=1))
     if not parts:
-        return like.new_zeros((0, 5))
+        return like.new_zeros((0, 5), dtype=dtype)
     return torch.cat(parts, dim=0)
 
 
@@ -88,10 +103,11 @@ def _prepare(
     return rois, (ph, pw), None
 
 
-def _channels_last_rows(input: Tensor) -> Tensor:
-    """``[N, C, H, W]`` -> ``[N * H * W, C]`` (differentiable)."""
+def _channels_last_rows(input: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N * H * W, C]`` of ``dtype`` (differentiable; one copy at most)."""
     n, c, h, w = input.shape
-    return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    rows = input.to(dtype=dtype, memory_format=torch.channels_last)
+    return rows.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
 def _chunks(total: int, per_item: int) -> list[tuple[int, int]]:
@@ -103,27 +119,39 @@ def _chunks(total: int, per_item: int) -> list[tuple[int, int]]:
 
 
 class _WeightedGather(torch.autograd.Function):
-    """``out[b] = sum_t weight[b, t] * rows[index[b, t]]``: a fixed sparse linear map of ``rows``.
+    """``out[k, :, p] = sum_t weight[k * P + p, t] * rows[index[k * P + p, t]]``: a fixed sparse
+    linear map of ``rows`` (``[R, C]``) into a contiguous ``[K, C, P]`` tensor of ``dtype``.
 
-    Forward is ``embedding_bag`` (sum mode with per-sample weights). The backward is the
-    transposed map, which is again an ``embedding_bag``: taps sorted by row index form one bag per
-    row over the output gradient. (The built-in backward of ``embedding_bag`` with per-sample
-    weights is many times slower on CPU, and an ``index_add_`` would materialize every tap's
-    C-vector.)
+    Forward is ``embedding_bag`` (sum mode with per-sample weights, in the dtype of ``rows``),
+    then one transposing copy (rounding to ``dtype``) into the output: that copy is the price of
+    torchvision's contiguous layout (cache-sized chunks were no faster, and each extra parallel
+    region costs on busy machines). The
+    backward is the transposed map, which is again an ``embedding_bag``: taps sorted by row index
+    form one bag per row over the output gradient. (The built-in backward of ``embedding_bag``
+    with per-sample weights is many times slower on CPU, and an ``index_add_`` would materialize
+    every tap's C-vector.)
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows, index, weight, bins, dtype):  # type: ignore[override]
         ctx.save_for_backward(index, weight)
         ctx.num_rows = rows.shape[0]
-        return F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+        c = rows.shape[1]
+        k = index.shape[0] // bins
+        gathered = F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+        out = rows.new_empty((k, c, bins), dtype=dtype)
+        return out.copy_(gathered.view(k, bins, c).transpose(1, 2))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad):  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None, None
         index, weight = ctx.saved_tensors
-        return _transposed_gather(grad.contiguous(), index, weight, ctx.num_rows), None, None
+        k, c, bins = grad.shape
+        rows_grad = grad.new_empty((k, bins, c), dtype=weight.dtype)
+        rows_grad.copy_(grad.transpose(1, 2))
+        rows_grad = rows_grad.view(k * bins, c)
+        return _transposed_gather(rows_grad, index, weight, ctx.num_rows), None, None, None, None
 
 
 def _transposed_gather(grad: Tensor, index: Tensor, weight: Tensor, num_rows: int) -> Tensor:
@@ -199,8 +227,10 @@ def _roi_align_group(
     spatial_scale: float,
     grid: tuple[int, int],
     aligned: bool,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """RoIAlign of RoIs that share one sampling grid ``(gh, gw)`` -> ``[K, ph, pw, C]``."""
+    """RoIAlign of RoIs that share one sampling grid ``(gh, gw)`` -> contiguous ``[K, C, ph, pw]``
+    of ``dtype``; ``rows`` and ``rois`` have the dtype of the arithmetic."""
     _, height, width = shape
     ph, pw = pooled
     gh, gw = grid
@@ -217,9 +247,9 @@ def _roi_align_group(
     weight = weight / (gh * gw)
     taps = 4 * gh * gw
     index = index.reshape(k * ph * pw, taps)
-    weight = weight.reshape(k * ph * pw, taps).to(rows.dtype)
-    out = _WeightedGather.apply(rows, index, weight)
-    return out.reshape(k, ph, pw, rows.shape[1])
+    weight = weight.reshape(k * ph * pw, taps)
+    out = _WeightedGather.apply(rows, index, weight, ph * pw, dtype)
+    return out.view(k, rows.shape[1], ph, pw)
 
 
 def roi_align(
@@ -247,14 +277,33 @@ def roi_align(
         aligned: subtract half a pixel so that sample points are pixel centres.
 
     Returns:
-        ``Tensor[K, C, ph, pw]``; differentiable with respect to ``input``.
+        contiguous ``Tensor[K, C, ph, pw]`` of ``input.dtype``; differentiable with respect to
+        ``input``. Coordinates and sums are float32 (float64 for float64 input), with or without
+        autocast, as torchvision under autocast: bfloat16 / float16 features give the float32
+        result on ``input.float()`` rounded to their dtype.
     """
     rois, (ph, pw), empty = _prepare(input, boxes, output_size)
     if empty is not None:
         return empty
+    device = input.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+    return _roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align(
+    input: Tensor,
+    rois: Tensor,
+    pooled: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     n, c, height, width = input.shape
+    ph, pw = pooled
     k = rois.shape[0]
-    rows = _channels_last_rows(input)
+    rows = _channels_last_rows(input, rois.dtype)
     shape = (n, height, width)
     groups = _align_grids(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     values, where = [], []
@@ -266,17 +315,17 @@ def roi_align(
         for s, e in _chunks(sub.shape[0], ph * pw * 4 * gh * gw * 4):
             grid = (gh, gw)
             values.append(
-                _roi_align_group(rows, sub[s:e], shape, (ph, pw), spatial_scale, grid, aligned)
+                _roi_align_group(
+                    rows, sub[s:e], shape, (ph, pw), spatial_scale, grid, aligned, input.dtype
+                )
             )
             where.append(torch.arange(s, e, device=rois.device) if idx is None else idx[s:e])
     if len(values) == 1 and values[0].shape[0] == k and groups[0][1] is None:
-        out = values[0]
-    else:
-        out = input.new_zeros((k, ph, pw, c)) + 0 * input.sum()
-        if values:
-            out = out.index_copy(0, torch.cat(where), torch.cat(values))
-    # A channels-last [K, C, ph, pw] tensor: same values as torchvision's, no transposing copy.
-    return out.permute(0, 3, 1, 2)
+        return values[0]
+    out = input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
+    if values:
+        out = out.index_copy(0, torch.cat(where), torch.cat(values))
+    return out
 
 
 def _align_grids(

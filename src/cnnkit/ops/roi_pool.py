@@ -65,7 +65,10 @@ def roi_pool(
         spatial_scale: feature-map size / image size.
 
     Returns:
-        ``Tensor[K, C, ph, pw]``.
+        contiguous ``Tensor[K, C, ph, pw]`` of ``input.dtype``. The RoI corners are scaled and
+        rounded in float32 (float64 for float64 input) whatever the feature dtype, so bfloat16 /
+        float16 features give exactly the float32 result on ``input.float()`` rounded to their
+        dtype (a max is exact). torchvision has no bfloat16 roi_pool on CPU.
     """
     rois, (ph, pw), empty = _prepare(input, boxes, output_size)
     if empty is not None:
@@ -83,8 +86,8 @@ class _RoIPoolFunction(torch.autograd.Function):
         ctx.save_for_backward(argmax)
         ctx.input_shape = input.shape
         k, ph, pw = rois.shape[0], *pooled
-        # A channels-last [K, C, ph, pw] tensor: same values as torchvision's, no transposing copy.
-        return values.reshape(k, ph, pw, -1).permute(0, 3, 1, 2)
+        # Contiguous [K, C, ph, pw] as torchvision's (code written for it calls .view).
+        return values.view(k, ph, pw, -1).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
