@@ -13,7 +13,12 @@ import torch
 from cnnkit.train.config import TrainConfig, parse_dropblock
 
 # torch.compile costs tens of seconds (C++ / Triton code generation) and saves a fraction of
-# each step: below this many steps it does not pay for itself.
+# each step: below this many steps it does not pay for itself. Measured on a 2-core AMX Xeon,
+# ResNet-56, batch 128, bf16 + channels_last (torch 2.13): compiling forward + backward takes
+# ~95 s with a cold inductor cache and ~7 s warm (FX graph + AOTAutograd caches, on by default,
+# under /tmp/torchinductor_<user> or $TORCHINDUCTOR_CACHE_DIR), and saves ~80-100 ms of a
+# ~400 ms eager step: break-even ~1000 steps cold, ~100 warm. The cache state is not known
+# before tracing, so the threshold assumes a cold cache, with a margin.
 COMPILE_MIN_STEPS = 2000
 
 
