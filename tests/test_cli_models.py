@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +40,31 @@ def test_wide_resnet_family_and_num_classes_override(capsys):
 def test_unknown_family_is_an_error():
     with pytest.raises(ValueError, match="family"):
         run(parse(["models", "--family", "transformers"]))
+
+
+def test_listing_models_imports_nothing_heavy():
+    # The table needs the model classes and torch, not plotting, data sets or torch's compiler
+    # (initializing weights on the meta device used to import torch._dynamo: 8 s in all).
+    code = (
+        "import sys, io, contextlib\n"
+        "from cnnkit.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['models', '--family', 'densenet']) == 0\n"
+        "assert '7,978,856' in out.getvalue()\n"
+        "heavy = ('matplotlib', 'sklearn', 'torch._dynamo', 'cnnkit.train.engine')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == ""
+
+
+def test_counts_skip_initialization_but_not_shapes(capsys):
+    # The same counts as a model built and initialized for real (DESIGN.md's figures above
+    # check the formula; this checks the shortcut changes nothing).
+    from cnnkit.models.registry import count_parameters, create_model
+
+    assert run(parse(["models", "--family", "pyramidnet"])) == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["pyramidnet110_a48"] == f"{count_parameters(create_model('pyramidnet110_a48')):,}"

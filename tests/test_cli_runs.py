@@ -429,3 +429,61 @@ def test_bad_eval_crop_fraction_is_named(streamed_run, tmp_path, capsys, bad):
     _one_error_line(capsys, "config.json", "data.eval_crop_fraction")
     assert cli(["evaluate", str(copy)]) == 2
     _one_error_line(capsys, "config.json", "data.eval_crop_fraction")
+
+
+# Every field of a loaded data section is checked: a NaN or boolean std evaluated to 0% / nan%
+# with status 0, a 100000^2 input size crashed evaluate and exhausted predict's memory.
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("std", [math.nan], "data.std"),
+        ("std", [True], "data.std"),
+        ("std", [0.0], "data.std"),
+        ("std", [math.inf], "data.std"),
+        ("std", [], "data.std"),
+        ("mean", [math.nan], "data.mean"),
+        ("mean", [0.1, 0.2, 0.3], "data.mean"),  # 3 values for 1 channel
+        ("mean", "0.5", "data.mean"),
+        ("classes", [str(i) for i in range(9)] + [7], "data.classes"),
+        ("classes", "0123456789", "data.classes"),
+        ("classes", ["0"] * 10, "data.classes"),
+        ("classes", [str(i) for i in range(11)], "kwargs.num_classes"),
+        ("input_size", [1, 100000, 100000], "data.input_size"),
+        ("input_size", [1, 0, 32], "data.input_size"),
+        ("input_size", [2, 32, 32], "data.input_size"),
+        ("input_size", [1, 32.0, 32], "data.input_size"),
+        ("input_size", [1, 32], "data.input_size"),
+        ("spec", 5, "data.spec"),
+        ("split_seed", "0", "data.split_seed"),
+        ("split_seed", -1, "data.split_seed"),
+    ],
+)
+def test_every_data_field_of_a_loaded_config_is_checked(
+    run_dir, digits, tmp_path, capsys, field, value, needle
+):
+    file = run_dir / "config.json"
+    config = json.loads(file.read_text())
+    config["data"][field] = value
+    file.write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
+    out = tmp_path / "out"
+    assert cli(["evaluate", str(run_dir), "--out", str(out)]) == 2
+    _one_error_line(capsys, "config.json", needle)
+    assert not out.exists()
+    assert cli(["predict", str(run_dir), *_write_pngs(tmp_path, digits, [0])]) == 2
+    _one_error_line(capsys, "config.json", needle)
+
+
+def test_kwargs_too_large_to_build_are_a_mismatch_not_an_allocation(run_dir):
+    # num_classes=10**12 would allocate 256 TB before the weights were compared.
+    from cnnkit.train.checkpoint import load_model
+
+    file = run_dir / "config.json"
+    config = json.loads(file.read_text())
+    config["kwargs"]["num_classes"] = 10**12
+    file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.safetensors: does not match .*fc\.weight"):
+        load_model(run_dir)
+    config["kwargs"]["num_classes"] = "ten"  # the builders check their arguments' types
+    file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"field 'kwargs' is rejected"):
+        load_model(run_dir)

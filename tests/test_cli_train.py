@@ -115,3 +115,91 @@ def test_corrupt_jpeg_in_a_streamed_folder_names_it_or_is_skipped(capsys, tmp_pa
     _fails(capsys, [*argv, str(tmp_path / "a")], re.escape(str(bad)))
     assert main([*argv, str(tmp_path / "b"), "--skip-invalid"]) == 0
     assert "1 unreadable image(s) skipped" in capsys.readouterr().out
+
+
+def test_non_finite_dev_loss_is_status_1_not_a_finished_run(capsys, tmp_path):
+    # One step at lr 1e6 leaves a finite training loss (taken before the update) and a model
+    # whose dev loss is NaN: before, the run ended with status 0 and NaN results.
+    out = tmp_path / "run"
+    argv = ["train", *TINY[:-5], "--batch-size", "64", "--lr", "1e6", "--warmup-epochs", "0",
+            "--epochs", "1", "--quiet", "--threads", "1", "--out", str(out)]  # fmt: skip
+    _fails(capsys, argv, r"training diverged: non-finite dev loss \(nan\) at epoch 1", 1)
+    assert not (out / "metrics.json").exists()
+
+
+# Flags that cannot be honoured on this data: one line naming the flag, status 2, and no run
+# directory (the task checks them in setup / build_model, before the engine creates it).
+PLAIN = ["--quiet", "--threads", "1", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        ([*TINY, "--weight-decay", "inf"], r"--weight-decay must be a finite number, got inf"),
+        ([*TINY, "--lr", "nan"], r"--lr must be a finite number, got nan"),
+        ([*TINY, "--seed", str(10**20)], r"--seed must be an integer in 0\.\.2\*\*63-1"),
+        ([*TINY, "--image-size", "20000"], r"--image-size must be at most 8192, got 20000"),
+        (
+            [*TINY, "--crop-padding", "3000"],
+            r"--crop-padding 3000 must be smaller than the image side \(16\)",
+        ),
+        ([*TINY, "--cutout", "100000"], r"--cutout 100000 is larger than the image side \(16\)"),
+        (
+            [*PLAIN, "--batch-size", "100000"],
+            r"--batch-size 100000 is larger than the training split: 1197 images",
+        ),
+        (
+            [*TINY, "--train-subset", "1"],
+            r"--batch-size 32 is larger than the training split \(--train-subset 1\): 1 images",
+        ),
+        (
+            [*TINY, "--model-arg", "num_classes=3"],
+            r"--model-arg num_classes=3 conflicts with --data digits, which has 10 classes",
+        ),
+        (
+            [*TINY, "--model-arg", "in_chans=3"],
+            r"--model-arg in_chans=3 conflicts with --data digits",
+        ),
+        (
+            [*PLAIN, "--model", "densenet121", "--image-size", "4"],
+            r"--image-size 4: model 'densenet121' cannot take 1x4x4 images",
+        ),
+    ],
+)
+def test_flags_that_cannot_be_honoured_leave_no_run_directory(capsys, tmp_path, argv, pattern):
+    out = tmp_path / "run"
+    _fails(capsys, ["train", *argv, "--out", str(out)], pattern)
+    assert not out.exists()
+
+
+def test_seed_that_is_not_an_integer_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--seed", "1e20"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_decompression_bomb_in_memory_names_the_file(capsys, tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (8, 8), 40 * i).save(root / c / f"{i}.png")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 20000 x 20000, 8-bit gray
+    bomb = root / "b" / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    out = tmp_path / "run"
+    argv = ["train", "--data", f"folder:{root}", "--in-memory", *TINY, "--batch-size", "4",
+            "--out", str(out)]  # fmt: skip
+    _fails(capsys, argv, rf"cannot read image {re.escape(str(bomb))}: .*decompression bomb")
+    assert not out.exists()

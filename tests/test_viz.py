@@ -210,3 +210,33 @@ def test_confusion_matrix_too_many_names_for_ticks_writes_a_key(tmp_path, monkey
     assert len(rows) == k  # ... with a key for every class
     assert [r.split() for r in rows[:2]] == [["0", "n00000"], ["1", "n00001"]]
     assert rows[-1].split() == ["399", "n00399"]
+
+
+def _loss_axis(monkeypatch, tmp_path, dev_losses):
+    records = [
+        {
+            "epoch": t,
+            "train_loss": 1.0 / t,
+            "dev_loss": d,
+            "train_accuracy": 0.5,
+            "dev_accuracy": 0.5,
+        }
+        for t, d in enumerate(dev_losses, 1)
+    ]
+    fig = _figure_of(monkeypatch, lambda: plot_curves(records, tmp_path / "curves.png"))
+    return fig.axes[0]
+
+
+def test_an_early_loss_spike_gets_a_log_axis(tmp_path, monkeypatch):
+    # A dev loss of 42 in epoch 1, then about 0.1: 2.6 decades; on a linear axis everything
+    # after epoch 1 would sit in the bottom 1% of the panel.
+    ax = _loss_axis(monkeypatch, tmp_path, [42.0, 0.5, 0.2, 0.12, 0.1, 0.1])
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert low <= 0.1 and high >= 42.0  # nothing clipped
+    assert "log" in ax.get_title()
+
+
+def test_losses_within_a_decade_and_a_half_stay_linear(tmp_path, monkeypatch):
+    ax = _loss_axis(monkeypatch, tmp_path, [2.0, 1.2, 0.9, 0.7, 0.6, 0.5])  # 1.0 .. 0.167
+    assert ax.get_yscale() == "linear"

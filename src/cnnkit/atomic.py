@@ -4,6 +4,8 @@ Every write goes to a temporary file in the same directory, is fsynced, renamed 
 name (an atomic replace on POSIX and Windows) and the directory is fsynced: a crash at any
 moment leaves either the previous file or the new one under the final name, never a partial
 one. Temporary files left by a killed writer are removed by a later write once they are old.
+The final file gets the permissions of any newly created file (``0o666 & ~umask``), not the
+owner-only ``0o600`` of a temporary file.
 
 This module imports nothing of cnnkit, so every layer (training, plots, CLI) can use it.
 """
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["STALE_TMP_SECONDS", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["STALE_TMP_SECONDS", "atomic_write_bytes", "atomic_write_text", "current_umask"]
 
 # A temporary file of ours older than this was left by a writer that was killed: remove it.
 STALE_TMP_SECONDS = 600
@@ -36,6 +38,22 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux: the
+    ``Umask:`` line of /proc/self/status); elsewhere set and restored at once (racy only
+    against another thread creating a file in between)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_tmp(directory: Path, name: str) -> None:
@@ -57,6 +75,9 @@ def _atomic_replace(path: str | os.PathLike, write: Callable[[Path], None]) -> N
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates 0o600 (and some writers re-create the file): the file it becomes is
+        # an ordinary one.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())

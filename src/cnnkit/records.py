@@ -5,14 +5,18 @@ A record is a flat dict of scalars with an ``epoch`` (integer >= 1) and measurem
 accuracies, in [0, 1]). :mod:`cnnkit.train.history` stores them, :mod:`cnnkit.viz` plots them,
 :mod:`cnnkit.train.diagnose` reads them; this module imports nothing of cnnkit, so all of them
 can use it.
+
+On disk (:func:`to_json`) a record is strict JSON: a non-finite measurement (a diverged loss) is
+written as ``null`` and :func:`check_record` reads ``null`` back as NaN.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-__all__ = ["check_record", "series"]
+__all__ = ["check_record", "series", "to_json"]
 
 
 def _plain(value: Any, key: str) -> Any:
@@ -25,14 +29,24 @@ def _plain(value: Any, key: str) -> Any:
 
 
 def check_record(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with string keys and plain scalar values; TypeError/ValueError otherwise."""
+    """``record`` with string keys and plain scalar values (``None``, JSON's ``null``, read as
+    NaN); TypeError/ValueError otherwise."""
     if not isinstance(record, dict):
         raise TypeError(f"history record must be a dict, not {type(record).__name__}")
     out = {str(k): _plain(v, str(k)) for k, v in record.items()}
+    out = {k: math.nan if v is None else v for k, v in out.items()}
     epoch = out.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         raise ValueError(f"history record field 'epoch' must be an integer >= 1, got {epoch!r}")
     return out
+
+
+def to_json(record: dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON, each non-finite float written as ``null``."""
+    strict = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    return json.dumps(strict, allow_nan=False)
 
 
 def series(records: list[dict[str, Any]], key: str) -> list[float]:

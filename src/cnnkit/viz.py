@@ -5,6 +5,8 @@ Matplotlib with the Agg backend (no display needed); every function writes one P
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -27,6 +29,11 @@ def _save_png(fig, path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# Above this many decades between the smallest and largest loss, the loss axis is logarithmic:
+# a linear axis then squeezes everything below a tenth of the top into the bottom pixels.
+LOG_LOSS_DECADES = 1.5
+
+
 def plot_curves(
     records: list[dict], path, *, metric: str = "accuracy", percent: bool | None = None
 ) -> None:
@@ -37,7 +44,9 @@ def plot_curves(
     losses ``train_loss_<name>`` (a detector's ``train_loss_box_reg``...), drawn dashed beside
     the total. The metric is shown in % if ``percent``; by default (None) when every value is
     a fraction in [0, 1] (accuracy, AP). Missing or non-finite values leave gaps; a single
-    record draws markers.
+    record draws markers. The loss axis is logarithmic when the positive losses span more than
+    :data:`LOG_LOSS_DECADES` decades, so an early spike (a dev loss of 42 in epoch 1) does not
+    flatten the rest of the curves into one line.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -83,6 +92,10 @@ def plot_curves(
             ax.legend()
         if len(epochs) == 1:
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    finite = [v for _, ys, _ in losses for v in ys if math.isfinite(v)]
+    if finite and min(finite) > 0 and math.log10(max(finite) / min(finite)) > LOG_LOSS_DECADES:
+        ax_loss.set_yscale("log")
+        ax_loss.set_title("loss (log scale)")
     fig.tight_layout()
     _save_png(fig, path)
 

@@ -12,6 +12,7 @@ from PIL import Image
 from cnnkit.data.classification import (
     RestrictedUnpickler,
     channel_stats,
+    hold_out_index,
     load_data,
     load_image,
     read_cifar_pickle,
@@ -336,3 +337,94 @@ def test_image_folder_errors_name_the_file_and_mixed_modes_become_rgb(tmp_path):
     (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ValueError, match="broken.png"):
         load_data(f"folder:{tmp_path / 'imgs'}", image_size=8)
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def _two_class_folder(root, n=5):
+    for name in ("a", "b"):
+        for i in range(n):
+            _save(root / name / f"{i}.png", 60, mode="L")
+
+
+def test_folder_with_one_class_is_refused(tmp_path):
+    for i in range(10):
+        _save(tmp_path / "one" / "cat" / f"{i}.png", 60, mode="L")
+    with pytest.raises(ValueError, match=r"1 class directory \(cat\).*at least 2"):
+        load_data(f"folder:{tmp_path / 'one'}")
+    for split in ("train", "test"):  # the train/ layout: the same rule
+        _save(tmp_path / "split" / split / "cat" / "0.png", 60, mode="L")
+    with pytest.raises(ValueError, match=r"1 class directory \(cat\)"):
+        load_data(f"folder:{tmp_path / 'split'}")
+
+
+def test_empty_or_looping_class_directories_are_named(tmp_path):
+    root = tmp_path / "imgs"
+    _two_class_folder(root)
+    (root / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty holds no images"):
+        load_data(f"folder:{root}")
+    (root / "empty").rmdir()
+    # A symlink to itself: is_dir() is False (ELOOP) and the class vanished without a word.
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(ValueError, match=r"loop is a broken or looping symbolic link"):
+        load_data(f"folder:{root}")
+    (root / "loop").unlink()
+    (root / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"gone is a broken or looping symbolic link"):
+        load_data(f"folder:{root}")
+    (root / "gone").unlink()
+    # A link back to the root: a class whose directory holds the class directories, no image.
+    (root / "up").symlink_to(root)
+    with pytest.raises(ValueError, match=r"up holds no images"):
+        load_data(f"folder:{root}")
+
+
+def test_cifar_class_without_training_image_is_named(tmp_path):
+    make_fake_cifar10(tmp_path)
+    names = [f"class{i}".encode() for i in range(11)]  # class10 has no image
+    with open(tmp_path / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": names}, fh)
+    with pytest.raises(ValueError, match=r"\['class10'\] have no training image"):
+        load_data(f"cifar10:{tmp_path}")
+
+
+def test_check_training_classes():
+    from cnnkit.data.classification import check_training_classes
+
+    check_training_classes("x", ["a", "b"], torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"--data x: 1 class \(a\)"):
+        check_training_classes("x", ["a"], torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"\['b'\] have no training image \(1 of 3"):
+        check_training_classes("x", ["a", "b", "c"], torch.tensor([0, 2]))
+
+
+# ----------------------------------------------------------------------------- decoded size
+
+
+def test_digits_larger_than_the_memory_are_refused(monkeypatch):
+    import cnnkit.data.classification as C
+
+    monkeypatch.setattr(C, "available_memory", lambda: 1_000_000)
+    # 1,797 x 24 x 24 = 1.0 MB > 1.0 MB - (the check runs before any resize)
+    with pytest.raises(ValueError, match=r"--image-size 24: .*1,797 x 576 bytes = 1\.0 MB"):
+        load_data("digits", image_size=24)
+    load_data("digits", image_size=23)  # 950 KB: fits
+
+
+def test_digits_resized_a_chunk_at_a_time_as_a_whole(monkeypatch):
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    import cnnkit.data.classification as C
+
+    monkeypatch.setattr(C, "_STATS_CHUNK_ELEMENTS", 100 * 16 * 16)  # 18 chunks of 100
+    d = load_data("digits", image_size=16)
+    x = torch.from_numpy(np.asarray(load_digits().images, dtype=np.float32)).unsqueeze(1) / 16
+    whole = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    whole = whole.clamp(0, 1).mul(255).round().to(torch.uint8)
+    labels = torch.from_numpy(load_digits().target.astype(np.int64))
+    test, dev, train = hold_out_index(labels, [300, 300], 0)
+    for split, index in ((d.train, train), (d.dev, dev), (d.test, test)):
+        assert torch.equal(split.images, whole[index])

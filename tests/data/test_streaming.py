@@ -331,7 +331,10 @@ def test_choose_streaming_threshold():
     assert S.choose_streaming(1_281_167, 3, 224, "auto", available=1024 * gib)[0]
     assert not S.choose_streaming(5000, 3, 512, "auto", available=1024 * gib)[0]  # 3.7 GiB
     assert S.choose_streaming(10, 1, 8, "stream")[0]
-    assert not S.choose_streaming(10**7, 3, 224, "memory")[0]
+    assert not S.choose_streaming(10**4, 3, 224, "memory", available=8 * gib)[0]
+    # Forced into memory, a set larger than the available RAM is refused, naming the size.
+    with pytest.raises(ValueError, match=r"--image-size 224 with --in-memory: .*1401.9 GB"):
+        S.choose_streaming(10**7, 3, 224, "memory", available=8 * gib)
     with pytest.raises(ValueError, match="force"):
         S.choose_streaming(10, 1, 8, "yes")
     assert choose_data_storage("digits") == (

@@ -76,8 +76,43 @@ def test_unknown_norm_is_refused():
         make_norm("instance", 8)
 
 
-@pytest.mark.parametrize("channels, groups", [(24, 32), (10, 4), (8, 0)])
-def test_indivisible_group_norm_names_norm_groups(channels, groups):
-    with pytest.raises(ValueError, match="norm_groups") as err:
-        make_norm("group", channels, groups=groups)
-    assert str(channels) in str(err.value)
+@pytest.mark.parametrize(
+    "channels, groups, expected",
+    [
+        (48, 32, 24),  # divisors of 48 up to 32: ..., 16, 24 -> 24
+        (16, 32, 16),  # fewer channels than groups: one channel per group
+        (64, 32, 32),  # Wu & He's G=32 where it divides
+        (24, 32, 24),  # DenseNet-BC-100-12's stem
+        (17, 32, 17),  # a prime above nothing but 1 and itself: instance norm
+        (34, 32, 17),  # 34 = 2 * 17: 17 is the largest divisor <= 32
+        (10, 4, 2),  # divisors of 10 up to 4: 1, 2
+        (8, 1, 1),  # --norm-groups 1 is layer norm everywhere
+    ],
+)
+def test_group_count_is_the_largest_divisor_not_above_norm_groups(channels, groups, expected):
+    norm = make_norm("group", channels, groups=groups)
+    assert norm.num_groups == expected
+    assert channels % norm.num_groups == 0
+    assert norm(torch.randn(2, channels, 3, 3)).shape == (2, channels, 3, 3)
+
+
+@pytest.mark.parametrize("groups", [0, -4])
+def test_non_positive_groups_name_the_flag(groups):
+    with pytest.raises(ValueError, match="--norm-groups") as err:
+        make_norm("group", 16, groups=groups)
+    assert str(groups) in str(err.value)
+
+
+def test_every_registered_classifier_builds_with_group_norm_at_default_groups():
+    from cnnkit.models.registry import create_model, list_models
+
+    names = list_models()
+    assert len(names) > 20
+    with torch.device("meta"):  # shapes only: the big ImageNet models cost no memory
+        for name in names:
+            model = create_model(name, norm="group")
+            groups = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+            assert groups, name
+            for m in groups:
+                assert m.num_channels % m.num_groups == 0, name
+                assert m.num_groups <= 32, name

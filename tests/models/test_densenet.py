@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from cnnkit.layers.regularize import DropBlock2d, StochasticDepth, set_drop_block
 from cnnkit.models import count_parameters, create_model, list_models
@@ -217,7 +218,12 @@ def test_invalid_configurations_name_the_argument(kwargs, argument):
         DenseNet(**{"stem": "cifar", **kwargs})
 
 
-def test_group_norm_with_indivisible_channels_names_norm_groups():
-    # DenseNet-BC-100-12's 24-channel stem output is not divisible by G=32.
-    with pytest.raises(ValueError, match="norm_groups"):
-        create_model("densenet_bc_100_12", norm="group")
+def test_group_norm_fits_channel_counts_that_32_does_not_divide():
+    # DenseNet-BC-100-12: a 24-channel stem, then 24 + 12k channels; each GroupNorm takes the
+    # largest divisor of its channels not above G=32 (24 -> 24, 36 -> 18, 48 -> 24, 60 -> 30).
+    model = create_model("densenet_bc_100_12", norm="group")
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups[24] == 24 and groups[36] == 18 and groups[48] == 24 and groups[60] == 30
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="--norm-groups"):
+        create_model("densenet_bc_100_12", norm="group", norm_groups=0)

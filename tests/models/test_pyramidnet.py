@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from cnnkit.layers.regularize import DropBlock2d, StochasticDepth, set_drop_block
 from cnnkit.models import count_parameters, create_model, list_models
@@ -180,12 +181,14 @@ def test_other_norms_build_and_run(norm, groups):
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
-def test_group_norm_needs_groups_dividing_every_width():
-    # alpha=144 over N=9 blocks: widths 32, 48, ..., 160, all multiples of 16.
-    model = PyramidNet(depth=20, alpha=144, norm="group", norm_groups=16)
+def test_group_norm_fits_every_width():
+    # alpha=144 over N=9 blocks: widths 32, 48, ..., 160; each layer takes the largest divisor
+    # of its width not above G=32 (48 -> 24, 80 -> 20, 112 -> 28, 160 -> 32).
+    model = PyramidNet(depth=20, alpha=144, norm="group", norm_groups=32)
     assert model.stage_channels == [64, 112, 160]
-    with pytest.raises(ValueError, match="largest that does is norm_groups=16"):
-        PyramidNet(depth=20, alpha=144, norm="group", norm_groups=32)
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups[48] == 24 and groups[80] == 20 and groups[112] == 28 and groups[160] == 32
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +205,7 @@ def test_group_norm_needs_groups_dividing_every_width():
         ({"drop_block": 2.0}, "drop_block"),
         ({"dropout": -0.5}, "dropout"),
         ({"norm": "instance"}, "norm"),
-        ({"norm": "group"}, "norm_groups"),  # 17, 18, ... channels are not divisible by 32
+        ({"norm": "group", "norm_groups": 0}, "--norm-groups"),
         ({"drop_path_mode": "scaled"}, "drop_path_mode"),
         ({"drop_block_stages": [0]}, "drop_block_stages"),
         ({"num_classes": 0}, "num_classes"),

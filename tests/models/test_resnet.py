@@ -231,9 +231,13 @@ def test_probabilities_outside_unit_interval_are_rejected(argument, value):
         create_model("resnet20", **{argument: value})
 
 
-def test_group_norm_with_indivisible_channels_names_norm_groups():
-    with pytest.raises(ValueError, match="norm_groups"):
-        create_model("resnet20", norm="group")  # G=32 does not divide 16 channels
+def test_group_norm_at_default_groups_fits_16_channels():
+    # G=32 does not divide the 16/32/64 widths of resnet20: 16 channels take 16 groups.
+    model = create_model("resnet20", norm="group")
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {16: 16, 32: 32, 64: 32}
+    with pytest.raises(ValueError, match="--norm-groups"):
+        create_model("resnet20", norm="group", norm_groups=0)
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ def test_bad_block_names_block(block):
         ({"drop_path_rate": -0.5}, "drop_path_rate"),
         ({"drop_block": 2.0}, "drop_block"),
         ({"dropout": 1.0}, "dropout"),
-        ({"norm": "group"}, "norm_groups"),  # G=32 does not divide the 16-channel stem
+        ({"norm": "group", "norm_groups": 0}, "--norm-groups"),
     ],
 )
 def test_impossible_configurations_name_the_argument(overrides, argument):

@@ -254,11 +254,13 @@ def test_empty_history_is_an_error():
 
 def test_nan_dev_loss_is_skipped_and_reported():
     records = healthy()
-    for i in (4, 17, 29):
+    # Isolated non-finite dev losses the run recovered from: skipped, with a note (a dev loss
+    # still non-finite at the last epoch is a divergence: see the tests below).
+    for i in (4, 17, 28):
         records[i]["dev_loss"] = float("nan")
     result = diagnose(records)
     assert result.verdict == "healthy"
-    assert any("dev loss is not finite" in n and "5, 18, 30" in n for n in result.notes)
+    assert any("dev loss is not finite" in n and "5, 18, 29" in n for n in result.notes)
 
 
 def test_all_dev_values_nan_or_missing():
@@ -281,7 +283,8 @@ def test_nan_training_loss_at_the_end():
 
 def test_constant_curves():
     chance = history(10, lambda t: 2.3, lambda t: 0.1, lambda t: 2.3, lambda t: 0.1)
-    assert diagnose(chance).verdict == "underfitting"
+    assert diagnose(chance).verdict == "underfitting"  # without K, chance is unknown
+    assert diagnose(chance, CONFIG).verdict == "stuck_at_chance"  # 10 classes: 1/K = 10%
     perfect = history(10, lambda t: 0.01, lambda t: 1.0, lambda t: 0.01, lambda t: 1.0)
     assert diagnose(perfect).verdict == "healthy"
 
@@ -377,3 +380,85 @@ def test_a_metric_no_record_holds_is_an_error_naming_the_ones_they_do():
         diagnose(healthy(), metric="top1")
     with pytest.raises(ValueError, match=r"measure box_ap"):
         diagnose(detection("converged"))
+
+
+# --------------------------------------------------------------------------- diverged, chance
+
+
+def _blown_up(records, key, epoch):
+    for r in records:
+        if r["epoch"] >= epoch:
+            r[key] = float("nan")
+    return records
+
+
+@pytest.mark.parametrize(
+    ("key", "epoch", "n"),
+    [
+        ("train_loss", 20, 20),  # the last epoch's training loss
+        ("train_loss", 8, 20),  # from epoch 8 on
+        ("dev_loss", 20, 20),  # the dev loss at the end of an otherwise fine run
+        ("train_loss", 2, 2),  # a 2-epoch run is diverged, not "too short"
+    ],
+)
+def test_non_finite_losses_are_diverged_not_too_short(key, epoch, n):
+    records = _blown_up(still_improving()[:n], key, epoch)
+    result = diagnose(records, CONFIG)
+    assert result.verdict == "diverged", str(result)
+    text = str(result)
+    assert "--lr" in text and "--warmup-epochs" in text and "--precision fp32" in text
+    assert "train longer" not in text.lower() and "--epochs" not in text
+
+
+def test_a_run_stopped_as_diverged_is_diverged():
+    # The engine stops before recording the non-finite epoch: the history itself looks fine.
+    records = still_improving()[:5]
+    assert diagnose(records, CONFIG).verdict == "still_improving"
+    result = diagnose(records, CONFIG, diverged=True)
+    assert result.verdict == "diverged"
+    assert "stopped as diverged" in result.explanation
+
+
+def test_divergence_advice_uses_the_run_s_lr():
+    config = {**CONFIG, "train": {**CONFIG["train"], "lr": 0.4, "precision": "fp32"}}
+    result = diagnose(_blown_up(still_improving(), "train_loss", 10), config)
+    assert any("--lr 0.04" in a for a in result.advice)
+    assert not any("--precision fp32" in a for a in result.advice)  # already fp32
+
+
+def stuck(classes, noise=0.01, seed=0):
+    # A network that never leaves the uniform guess: loss log K, accuracy 1/K (+ noise).
+    k = classes
+    return history(
+        20,
+        lambda t: math.log(k) + 0.3 * exp(1)(t),
+        lambda t: 1 / k,
+        lambda t: math.log(k) + 0.01,
+        lambda t: 1 / k,
+        noise=noise,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_chance_accuracy_is_stuck_not_too_small(classes, seed):
+    config = {**CONFIG, "data": {**CONFIG["data"], "classes": [str(i) for i in range(classes)]}}
+    result = diagnose(stuck(classes, seed=seed), config)
+    assert result.verdict == "stuck_at_chance", str(result)
+    text = str(result)
+    assert "labels" in text and "--lr" in text and "--norm" in text
+    assert "bigger" not in text.lower() and "resnet56" not in text
+
+
+def test_chance_by_the_loss_when_no_accuracy_is_recorded():
+    records = stuck(10)
+    for r in records:
+        del r["train_accuracy"], r["dev_accuracy"]
+        r["dev_accuracy"] = float("nan")
+    assert diagnose(records, CONFIG).verdict == "stuck_at_chance"
+
+
+def test_underfitting_well_above_chance_stays_underfitting():
+    # 45% on 10 classes is far above chance (10%): a model too small, not one that learned nothing.
+    assert diagnose(underfitting(), CONFIG).verdict == "underfitting"

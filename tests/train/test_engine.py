@@ -123,11 +123,30 @@ def test_precision_and_layout_choices(monkeypatch):
         ({"schedule": "linear"}, "--schedule"),
         ({"dropblock": "0.1:x"}, "--dropblock"),
         ({"warmup_epochs": 5, "epochs": 2}, "--warmup-epochs"),
+        # Non-finite, out-of-range or mistyped numbers (from the CLI or a resumed config.json).
+        ({"weight_decay": math.inf}, "--weight-decay must be a finite number"),
+        ({"weight_decay": math.nan}, "--weight-decay must be a finite number"),
+        ({"lr": math.nan}, "--lr must be a finite number"),
+        ({"momentum": math.nan}, "--momentum must be a finite number"),
+        ({"warmup_epochs": math.inf}, "--warmup-epochs must be a finite number"),
+        ({"label_smoothing": math.nan}, "--label-smoothing must be a finite number"),
+        ({"dropout": "0.1"}, "--dropout must be a number"),
+        ({"seed": 10**20}, r"--seed must be an integer in 0\.\.2\*\*63-1"),
+        ({"seed": -1}, "--seed must be an integer in"),
+        ({"seed": 1e20}, "--seed must be an integer, got 1e\\+20"),
+        ({"cutout": 2.5}, "--cutout must be an integer"),
+        ({"image_size": 20000}, "--image-size must be at most 8192"),
+        ({"threads": 100000}, "--threads must be at most 1024"),
+        ({"workers": 100000}, "--workers must be at most 256"),
     ],
 )
 def test_config_validation_names_the_option(overrides, flag):
     with pytest.raises(ValueError, match=flag):
         tiny_config(**overrides)
+
+
+def test_largest_seed_is_accepted():
+    assert tiny_config(seed=2**63 - 1).seed == 2**63 - 1
 
 
 def test_parse_dropblock():
@@ -141,6 +160,81 @@ def test_unsupported_flag_and_channel_mismatch(digits16, tmp_path):
         Trainer(tiny_config(in_chans=3), data=digits16, run_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown model"):
         Trainer(tiny_config(model="resnet7"), data=digits16, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"crop_padding": 16}, r"--crop-padding 16 must be smaller than the image side \(16\)"),
+        ({"cutout": 17}, r"--cutout 17 is larger than the image side \(16\)"),
+        (
+            {"batch_size": 201},
+            r"--batch-size 201 is larger than the training split "
+            r"\(--train-subset 200\): 200 images",
+        ),
+        ({"train_subset": None, "batch_size": 1198}, r"--batch-size 1198 .*: 1197 images"),
+        (
+            {"model_args": {**TINY, "num_classes": 3}},
+            r"--model-arg num_classes=3 conflicts with --data digits, which has 10 classes",
+        ),
+        (
+            {"model_args": {**TINY, "in_chans": 3}},
+            r"--model-arg in_chans=3 conflicts with --data digits, whose images have 1 channel",
+        ),
+        (
+            {"model_args": {**TINY, "drop_path_rate": 0.2}, "drop_path": 0.1},
+            r"--model-arg drop_path_rate=0.2 conflicts with --drop-path 0.1",
+        ),
+    ],
+)
+def test_flags_that_do_not_fit_the_data_fail_before_the_run_directory(
+    digits16, tmp_path, overrides, message
+):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_config(**overrides), data=digits16, run_dir=run_dir)
+    assert not run_dir.exists()
+
+
+def test_model_args_that_agree_with_the_data_are_accepted(digits16, tmp_path):
+    cfg = tiny_config(model_args={**TINY, "num_classes": 10, "in_chans": 1}, drop_path=0.1)
+    cfg.model_args["drop_path_rate"] = 0.1
+    Trainer(cfg, data=digits16, run_dir=tmp_path / "run")
+
+
+def test_batch_size_is_checked_against_this_process_shard(digits16):
+    from cnnkit.train.distributed import DistContext
+    from cnnkit.train.task import Runtime
+
+    cfg = tiny_config(batch_size=101)  # 200 images over 2 processes: 100 each
+    task = ClassificationTask(cfg, data=digits16)
+    runtime = Runtime(torch.device("cpu"), DistContext(rank=0, world_size=2), "fp32", False)
+    with pytest.raises(ValueError, match=r"--batch-size 101 .*200 images, 100 per process of 2"):
+        task.setup(runtime)
+    ClassificationTask(tiny_config(batch_size=100), data=digits16).setup(runtime)
+
+
+def test_too_small_a_training_split_warns_but_trains(digits16, tmp_path):
+    cfg = tiny_config(train_subset=8, batch_size=8, epochs=1)
+    with pytest.warns(UserWarning, match=r"--train-subset 8\) holds 8 images, 0 of class"):
+        trainer = Trainer(cfg, data=digits16, run_dir=tmp_path / "run")
+    trainer.fit()
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_image_size_the_model_cannot_take_names_it(tmp_path):
+    from cnnkit.train.classification import check_input_size
+
+    tiny4 = load_data("digits", image_size=4)
+    cfg = TrainConfig(model="densenet121", image_size=4, crop_padding=1, batch_size=64,
+                      train_subset=64, quiet=True, threads=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"--image-size 4: model 'densenet121' cannot take 1x4x4"):
+        Trainer(cfg, data=tiny4, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # The probe runs on the meta device and leaves the random state as it was.
+    state = torch.get_rng_state()
+    check_input_size("resnet20", {"num_classes": 10, "in_chans": 1}, (1, 4, 4))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_tiny_run_learns_and_writes_the_run_directory(digits16, tmp_path):
@@ -199,3 +293,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits16, tmp_path)
     state = load_state(tmp_path / "last.ckpt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_batch_larger_than_the_memory_is_refused(digits16, tmp_path, monkeypatch):
+    from cnnkit.train.distributed import DistContext
+    from cnnkit.train.task import Runtime
+
+    # 50 x 1 x 16 x 16 float32 = 51,200 bytes: more than 50,000 bytes, less than 60,000.
+    monkeypatch.setattr("cnnkit.data.streaming.available_memory", lambda: 50_000)
+    with pytest.raises(ValueError, match=r"--batch-size 50 at --image-size 16: .*more than"):
+        Trainer(tiny_config(), data=digits16, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr("cnnkit.data.streaming.available_memory", lambda: 60_000)
+    runtime = Runtime(torch.device("cpu"), DistContext(), "fp32", False)
+    ClassificationTask(tiny_config(), data=digits16).setup(runtime)

@@ -72,3 +72,28 @@ def test_parameter_count_for_an_unknown_model(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="config"):
         write_report(tmp_path, config=None, metrics={}, diagnosis=diagnose(_records()))
+
+
+def test_defaults_are_shown_as_the_values_used(tmp_path):
+    # --lr, --norm, --dropblock left at their defaults: the report says what the run used.
+    train = {
+        "epochs": 2,
+        "lr": None,
+        "lr_batch": 128,
+        "optimizer": "sgd",
+        "norm": None,
+        "dropblock": None,
+        "weight_decay": None,
+        "precision": "auto",
+        "resolved": {"lr": 0.2, "global_batch": 256, "weight_decay": 5e-4, "precision": "fp32"},
+    }
+    config = {"name": "not_a_model", "kwargs": {"norm": "group", "norm_groups": 32}, "train": train}
+    text = write_report(tmp_path, config=config, metrics={}, diagnosis=diagnose(_records()))
+    text = text.read_text()
+    assert "| lr | 0.1 (default) |" in text  # 0.2 = lr x 256 / 128 (linear scaling rule)
+    assert "| effective lr (linear scaling rule) | 0.2 |" in text
+    assert "| norm | group (default) |" in text  # from the model's arguments
+    assert "| dropblock | off |" in text
+    assert "| weight_decay | 0.0005 (default) |" in text
+    assert "| precision | auto (fp32) |" in text
+    assert "| default |" not in text

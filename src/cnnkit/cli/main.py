@@ -2,8 +2,12 @@
 
 Each command-family module exposes ``register(subparsers)``, adding its sub-commands with
 ``set_defaults(func=...)``; ``func(args)`` returns the exit status. Bad input raised as
-ValueError / TypeError / OSError becomes one line on stderr and exit status 2; ``--debug``
-shows the traceback instead.
+ValueError / TypeError (library code names the argument, file or field) or OSError (a file
+that cannot be read or written) becomes one line on stderr and exit status 2; ``--debug``
+(before or after the command: ``cnnkit --debug train`` or ``cnnkit train --debug``) shows the
+traceback instead. Any other exception is a bug of ours, never "bad input": it keeps its
+traceback and exit status 1. KeyError in particular is not mapped: a missing field of a user's
+file is caught where it is read and raised as a ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 
 # Command-family modules under cnnkit.cli, in the order their commands are listed.
 COMMAND_MODULES = ("models", "train", "runs", "eval")
+DEBUG_HELP = "show the traceback of an error instead of one line"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,11 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cnnkit",
         description="Design, train and evaluate convolutional networks.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"cnnkit.cli.{name}").register(sub)
+    _add_debug(sub)
     return parser
+
+
+def _add_debug(sub: argparse._SubParsersAction) -> None:
+    """``--debug`` on every (sub-)command too; SUPPRESS keeps the top-level value when absent."""
+    for parser in sub.choices.values():
+        if not any("--debug" in a.option_strings for a in parser._actions):
+            parser.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+            )
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_debug(action)
 
 
 def _one_line(err: BaseException) -> str:
@@ -61,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, KeyError) as err:
-        if args.debug:
+    except (ValueError, TypeError, OSError) as err:
+        if getattr(args, "debug", False):
             raise
         print(_one_line(err), file=sys.stderr)
         return 2

@@ -76,6 +76,8 @@ def _positive(value: int, flag: str) -> int:
 
 
 def _data_section(run_dir: Path, config: dict, *fields: str) -> dict:
+    """config.json's ``data`` section, each of ``fields`` present and every field that is
+    present valid (see :func:`_check_data`)."""
     data = config.get("data")
     file = run_dir / "config.json"
     if not isinstance(data, dict):
@@ -83,14 +85,88 @@ def _data_section(run_dir: Path, config: dict, *fields: str) -> dict:
     for name in fields:
         if name not in data:
             raise ValueError(f"{file}: field 'data.{name}' is missing")
-    for name in ("mean", "std"):
-        if name in fields and not (
-            isinstance(data[name], list) and all(isinstance(v, (int, float)) for v in data[name])
-        ):
-            raise ValueError(f"{file}: field 'data.{name}' must be a list of numbers")
-    if "std" in fields and any(v <= 0 for v in data["std"]):
-        raise ValueError(f"{file}: field 'data.std' must be positive")
+    _check_data(file, data, config.get("kwargs"))
     return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_data(file: Path, data: dict, kwargs: Any) -> None:
+    """Every field of a run's ``data`` section that is present must hold what training wrote:
+    ``input_size`` ``[C, H, W]`` (C 1 or 3, sides 1..MAX_IMAGE_SIZE), ``mean`` / ``std`` C
+    finite numbers (std > 0), ``classes`` distinct strings (as many as the model's outputs),
+    ``spec`` a string, ``split_seed`` an integer in 0..2**63-1. A NaN std evaluates to 0%
+    without a word; a 100000^2 input size exhausts the memory."""
+    from cnnkit.train.config import MAX_IMAGE_SIZE, MAX_SEED
+
+    saved = kwargs if isinstance(kwargs, dict) else {}
+    channels = None
+    if "input_size" in data:
+        size = data["input_size"]
+        if not (
+            isinstance(size, list)
+            and len(size) == 3
+            and all(_is_int(v) for v in size)
+            and size[0] in (1, 3)
+            and all(1 <= v <= MAX_IMAGE_SIZE for v in size[1:])
+        ):
+            raise ValueError(
+                f"{file}: field 'data.input_size' must be [C, H, W] with C 1 or 3 and sides "
+                f"in 1..{MAX_IMAGE_SIZE}, got {size!r}"
+            )
+        channels = size[0]
+        if _is_int(saved.get("in_chans")) and saved["in_chans"] != channels:
+            raise ValueError(
+                f"{file}: field 'data.input_size' has {channels} channel(s), but "
+                f"'kwargs.in_chans' is {kwargs['in_chans']}"
+            )
+    for name in ("mean", "std"):
+        if name not in data:
+            continue
+        values = data[name]
+        if not (
+            isinstance(values, list)
+            and values
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            )
+        ):
+            raise ValueError(
+                f"{file}: field 'data.{name}' must be a list of finite numbers, got {values!r}"
+            )
+        if channels is not None and len(values) != channels:
+            raise ValueError(
+                f"{file}: field 'data.{name}' must hold {channels} value(s), one per channel "
+                f"of 'data.input_size', got {len(values)}"
+            )
+        if name == "std" and any(v <= 0 for v in values):
+            raise ValueError(f"{file}: field 'data.std' must be positive, got {values!r}")
+    if "classes" in data:
+        classes = data["classes"]
+        if not (
+            isinstance(classes, list)
+            and classes
+            and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)
+        ):
+            raise ValueError(f"{file}: field 'data.classes' must be a list of distinct names")
+        if _is_int(saved.get("num_classes")) and saved["num_classes"] != len(classes):
+            raise ValueError(
+                f"{file}: field 'data.classes' names {len(classes)} classes, but "
+                f"'kwargs.num_classes' is {kwargs['num_classes']}"
+            )
+    if "spec" in data and not (isinstance(data["spec"], str) and data["spec"]):
+        raise ValueError(f"{file}: field 'data.spec' must be a data spec, got {data['spec']!r}")
+    if "split_seed" in data and not (
+        _is_int(data["split_seed"]) and 0 <= data["split_seed"] <= MAX_SEED
+    ):
+        raise ValueError(
+            f"{file}: field 'data.split_seed' must be an integer in 0..2**63-1, "
+            f"got {data['split_seed']!r}"
+        )
 
 
 def _num_classes(model: Any) -> int | None:
@@ -358,6 +434,11 @@ def run_predict(args: argparse.Namespace) -> int:
             f"{run_dir / 'config.json'}: {len(classes)} class names for {logits.shape[1]} outputs"
         )
     probs, indices = topk(logits, min(k, len(classes)))
+    if not torch.isfinite(probs).all():  # never print "nan%"
+        raise ValueError(
+            f"{run_dir / 'model.safetensors'}: the model's outputs are not finite (NaN or "
+            "infinite); its weights are damaged or come from a diverged run"
+        )
     width = max(len(c) for c in classes)
     for path, p_row, i_row in zip(args.images, probs.tolist(), indices.tolist(), strict=True):
         print(path)

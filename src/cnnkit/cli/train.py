@@ -5,9 +5,10 @@ With no arguments it trains the default model (ResNet-20) on the embedded digits
 train one model with DistributedDataParallel (``--batch-size`` is per process).
 
 Exit status: 0 on success; 2 for bad input (unknown model, missing or malformed data, wrong
-channel count, non-positive epochs or batch size: one line on stderr); 1 when training
-diverged (non-finite loss: one line on stderr naming the epoch, the step and the last good
-checkpoint, which is left intact).
+channel count, non-positive epochs or batch size, an --out that holds a run, a run directory
+another process is training into, a flag --resume cannot change: one line on stderr, before
+any file is written); 1 when training diverged (non-finite training loss, or dev/test loss or
+metric: one line on stderr naming the epoch and the last good checkpoint, left intact).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from cnnkit.layers.norm import NORMS
 from cnnkit.train.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TOGGLES
 
 DEFAULTS_NOTE = "defaults train resnet20 on the embedded digits (1-2 minutes on 2 CPU cores)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where there is an X and the help does not already say
+    what the default is (``None`` means a default resolved at run time, described in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -43,13 +55,32 @@ def _model_arg(text: str) -> tuple[str, object]:
         return name, value
 
 
+class _Given:
+    """Mixin of the train parser's actions: records each flag given on the command line in
+    ``namespace.given_flags`` (dest -> option string), so --resume knows what was asked for
+    even when it equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        vars(namespace).setdefault("given_flags", {})[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _track_given(parser: argparse.ArgumentParser) -> None:
+    # Argument groups share the parser's action registry: every flag added after this records
+    # itself when given.
+    for name in (None, "store", "store_true", "store_const", "append"):
+        base = parser._registry_get("action", name)
+        parser.register("action", name, type(f"Given{base.__name__}", (_Given, base), {}))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a classifier (default: resnet20 on the embedded digits)",
         description=f"Train a classification network and write a run directory; {DEFAULTS_NOTE}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
+    _track_given(p)
     g = p.add_argument_group("what to train")
     g.add_argument("--model", default="resnet20", help="registered model name (`cnnkit models`)")
     g.add_argument(
@@ -108,18 +139,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=30, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=128, help="per process")
     g.add_argument(
         "--lr",
         type=float,
-        help="learning rate for a batch of --lr-batch (default 0.1 for sgd, 1e-3 for adamw); "
-        "the rate used is lr * global batch / lr-batch",
+        help="learning rate for a batch of --lr-batch; the rate used is lr * global batch / "
+        "lr-batch (default: 0.1 for sgd, 1e-3 for adamw)",
     )
     g.add_argument("--lr-batch", type=int, default=128, help="reference batch of --lr")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action="store_true")
+    g.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (with momentum) or adamw"
+    )
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (ignored by adamw)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
     g.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd), 0.05 (adamw)")
     g.add_argument(
         "--no-decay-norm-bias",
@@ -138,8 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--label-smoothing",
         type=float,
-        default=None,
-        help="target smoothing epsilon (default 0.1 for the digits, 0 otherwise)",
+        help="target smoothing epsilon of the training loss; the logged train loss is the plain "
+        "cross-entropy, like the dev loss (default: 0.1 for the digits, 0 otherwise)",
     )
     g.add_argument(
         "--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block"
@@ -149,8 +182,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--cutout", type=int, default=0, metavar="SIZE", help="Cutout square side (0: off)"
     )
-    g.add_argument("--norm", choices=NORMS, help="normalization layers")
-    g.add_argument("--norm-groups", type=_positive_int, help="groups of --norm group")
+    g.add_argument(
+        "--norm",
+        choices=NORMS,
+        help="normalization layers (default: the model's own, batch for every registered model)",
+    )
+    g.add_argument(
+        "--norm-groups",
+        type=_positive_int,
+        help="most groups per layer of --norm group: each layer takes the largest divisor of "
+        "its channels not above this (default: 32, as in Wu & He)",
+    )
     g.add_argument(
         "--crop-padding", type=int, help="random-crop padding (0: off; default 4, digits 2)"
     )
@@ -158,17 +200,54 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto")
-    g.add_argument("--channels-last", choices=TOGGLES, default="auto")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 autocast where it is fast (CUDA with bf16; CPUs with AMX or "
+        "AVX512-BF16), fp32 elsewhere",
+    )
+    g.add_argument(
+        "--channels-last",
+        choices=TOGGLES,
+        default="auto",
+        help="channels_last (NHWC) memory format; auto: on (faster on CUDA and CPUs alike)",
+    )
     g.add_argument("--compile", choices=TOGGLES, default="auto", help="torch.compile")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads (default: torch's choice, the cores available to the process)",
+    )
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--out",
+        help="run directory (default runs/<model>-<data>-<time>[-N], a new one); one that "
+        "holds a run is refused unless --overwrite or --resume",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out: its run files (config.json, model.safetensors, "
+        "last.ckpt, history.*, metrics.json, report.md, curves.png, evaluation.json, "
+        "confusion_matrix.png, TensorBoard events) are removed; other files stay",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights, the batch order and augmentation"
+    )
     g.add_argument("--deterministic", action="store_true", help="bit-reproducible kernels")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR with its saved arguments")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR with its saved arguments. These may be given anew: --epochs "
+        "(a new total; the schedule is re-planned for it from the current step, so the rate "
+        "jumps to where a run of that length would be now, unlike a run started with that "
+        "many epochs), --quiet, --threads, --workers, --save-every, --tensorboard, --device, "
+        "--skip-invalid; any other flag given with another value than the saved one is an "
+        "error",
+    )
     g.add_argument(
         "--save-every",
         type=_positive_int,
@@ -196,15 +275,33 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**values)
 
 
+def resume_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The training arguments given explicitly on the command line (TrainConfig field -> value),
+    for --resume to apply or refuse."""
+    from cnnkit.train.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = getattr(args, "given_flags", {})
+    values = {dest: getattr(args, dest) for dest in given if dest in fields}
+    if "model_arg" in given:
+        values["model_args"] = dict(args.model_arg)
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
     from cnnkit.train.engine import TrainingDiverged
     from cnnkit.train.run import resume, train
 
     try:
         if args.resume:
-            resume(args.resume)
+            if args.overwrite:
+                raise ValueError(
+                    f"--resume {args.resume} --overwrite: choose one (continue the run, or "
+                    "replace it by training afresh with --out)"
+                )
+            resume(args.resume, overrides=resume_overrides(args))
         else:
-            train(config_from_args(args))
+            train(config_from_args(args), overwrite=args.overwrite)
     except TrainingDiverged as err:
         print(f"cnnkit: training diverged: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

@@ -43,14 +43,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnkit.data.streaming import (
+    SIXTEEN_BIT_MODES,
     FileSource,
     Invalid,
     StreamDataset,
     TensorSource,
     _read_errors,
+    available_memory,
     center_crop_box,
     choose_streaming,
+    format_bytes,
     read_resized_crop,
+    to_uint8_mode,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif")
@@ -149,8 +153,30 @@ def load_data(spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE)
     for name, split in zip(SPLITS, (train, dev, test), strict=True):
         if len(split) == 0:
             raise ValueError(f"--data {spec!r}: the {name} split is empty")
+    check_training_classes(spec, train.classes, train.labels)
     mean, std = channel_stats(train.images)
     return DataSplits(train, dev, test, mean, std, spec)
+
+
+def check_training_classes(spec: str, classes: list[str], labels: Tensor) -> None:
+    """A classification data set needs at least 2 classes, each with a training image: one
+    class "trains" to 100% accuracy, and a class never seen in training is never predicted.
+
+    Raises:
+        ValueError: naming the data set and the classes at fault.
+    """
+    if len(classes) < 2:
+        raise ValueError(
+            f"--data {spec}: {len(classes)} class ({', '.join(map(str, classes)) or 'none'}): "
+            "classification needs at least 2"
+        )
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    empty = [str(c) for c, n in zip(classes, counts, strict=False) if n == 0]
+    if empty:
+        raise ValueError(
+            f"--data {spec}: class(es) {empty[:5]}{'...' if len(empty) > 5 else ''} have no "
+            f"training image ({len(empty)} of {len(classes)} classes)"
+        )
 
 
 def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
@@ -221,10 +247,27 @@ def _load_digits(seed: int, image_size: int) -> tuple[ImageDataset, ImageDataset
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     bunch = load_digits()
+    n = len(bunch.images)
+    decoded, available = n * image_size * image_size, available_memory()
+    if decoded > available:
+        raise ValueError(
+            f"--image-size {image_size}: the digits decoded at 1x{image_size}x{image_size} take "
+            f"{n:,} x {image_size * image_size:,} bytes = {format_bytes(decoded)}, more than "
+            f"the {format_bytes(available)} of available memory"
+        )
     x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
-    # Bilinear upsampling (align_corners=False): 8x8 strokes become smooth 32x32 ones.
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    images = torch.empty((n, 1, image_size, image_size), dtype=torch.uint8)
+    # Bilinear upsampling (align_corners=False): 8x8 strokes become smooth 32x32 ones. A chunk
+    # at a time: the float32 copy of the whole set would take 4x the uint8 one.
+    step = max(1, _STATS_CHUNK_ELEMENTS // (image_size * image_size))
+    for start in range(0, n, step):
+        chunk = F.interpolate(
+            x[start : start + step],
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        images[start : start + step] = chunk.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
     data = ImageDataset(images, labels, [str(int(c)) for c in bunch.target_names])
     test, dev, train = _hold_out(data, [DIGITS_HELD_OUT, DIGITS_HELD_OUT], seed)
@@ -368,44 +411,61 @@ def _load_cifar(
 
 def _image_files(directory: Path) -> list[Path]:
     # scandir's entries know their type without a stat per file (ImageNet: 1.28M files).
-    with os.scandir(directory) as entries:
-        names = sorted(
-            e.name
-            for e in entries
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-        )
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(
+                e.name
+                for e in entries
+                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            )
+    except OSError as err:  # a symlink loop (ELOOP), a permission, ...
+        raise ValueError(f"image folder {directory} cannot be listed: {err.strerror}") from None
     return [directory / name for name in names]
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class subdirectories of ``root`` (hidden ones skipped). A symlink that resolves to
+    nothing (broken, or a loop: ``is_dir()`` says False for both) is an error naming it,
+    not a silently missing class."""
+    dirs = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise ValueError(f"image folder {root}: {p.name} is a broken or looping symbolic link")
+        if p.is_dir():
+            dirs.append(p)
+    return dirs
 
 
 @contextlib.contextmanager
 def _opened_image(path: Path):
     """The PIL image at ``path``, open for the ``with`` block; a failure to read or decode it
-    (in the block as well) is a ValueError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    (in the block as well), PIL's decompression-bomb guard included, is a ValueError naming
+    the file (the errors of :func:`cnnkit.data.streaming._read_errors`)."""
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             yield im
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except _read_errors() as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def _is_gray(path: Path) -> bool:
     """Whether the image at ``path`` is single-channel, from its header alone (no decoding)."""
     with _opened_image(path) as im:
-        return im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        return im.mode in ("1", "L", "LA", "La", "I", "F", *SIXTEEN_BIT_MODES)
 
 
 def _decode(path: Path, channels: int, size: tuple[int, int]) -> Tensor:
-    """The image at ``path`` as ``uint8 [channels, h, w]`` (bilinear resize to ``size = (h, w)``)."""
+    """The image at ``path`` as ``uint8 [channels, h, w]`` (bilinear resize to ``size = (h, w)``);
+    any PIL mode mapped onto 0..255 by :func:`cnnkit.data.streaming.to_uint8_mode`."""
     from PIL import Image
 
     with _opened_image(path) as im:
-        image = im.convert("L" if channels == 1 else "RGB")  # decodes into a new image
+        image = to_uint8_mode(im, channels)
+        image.load()  # decoded while the file is open
     h, w = size
     if image.size != (w, h):
         image = image.resize((w, h), Image.BILINEAR)
@@ -425,6 +485,11 @@ def _class_tree(root: Path, classes: list[str] | None) -> tuple[list[Path], Tens
         raise ValueError(f"image folder {root} has no class subdirectories (root/<class>/*.png)")
     training = classes is None
     if classes is None:
+        if len(found) < 2:
+            raise ValueError(
+                f"image folder {root} has 1 class directory ({found[0]}): classification "
+                "needs at least 2 (root/<class>/*.png)"
+            )
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
@@ -729,6 +794,7 @@ def stream_splits(
     for name in SPLITS:
         if len(splits[name][0]) == 0:
             raise ValueError(f"--data {spec!r}: the {name} split is empty")
+    check_training_classes(spec, classes, splits["train"][1])
     sources = {s: FileSource(*splits[s], channels) for s in SPLITS}
     mean, std, counted = _sampled_stats(sources["train"], image_size, seed)
     return StreamSplits(

@@ -319,6 +319,48 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 
 
+# PIL modes whose pixels are not 8-bit: PIL's own convert("L") clips them to 0..255 (a 16-bit
+# grayscale PNG comes out nearly all white), so :func:`to_uint8_mode` scales them instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
+
+def to_uint8_mode(image, channels: int):
+    """``image`` (a PIL image of any mode) as an 8-bit ``"L"`` (``channels == 1``) or ``"RGB"``
+    image, every mode's values mapped onto 0..255 by what they mean:
+
+    * ``"L"``, ``"RGB"``: as they are; ``"1"`` (0 / 255), ``"P"`` (through its palette),
+      ``"CMYK"``, ``"YCbCr"``: PIL's conversion; ``"LA"``, ``"RGBA"``, ``"PA"``: the colour,
+      alpha dropped (as torchvision's ``ImageFolder`` does: ``convert("RGB")``).
+    * ``"I;16"`` (16-bit PNG / TIFF, any byte order): 0..65535 -> ``round(v * 255 / 65535)``.
+    * ``"I"`` (32-bit signed): PIL decodes 16-bit grayscale files to it, so its values are
+      taken as 0..65535 too (scaled the same way); values outside are clipped.
+    * ``"F"`` (32-bit float): an image whose maximum is <= 1 is taken as [0, 1] (scaled by
+      255), any other as 0..255; either way clipped, NaN read as 0.
+
+    Grayscale wide modes become ``"L"`` first, then ``"RGB"`` when 3 channels are asked for.
+    A mode PIL cannot convert raises ValueError (an unreadable image, see :func:`_read_errors`).
+    """
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode == mode:
+        return image
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image)
+        if image.mode == "F":
+            values = np.nan_to_num(values.astype(np.float64), nan=0.0)
+            if values.size and values.max() <= 1:
+                values = values * 255.0
+            gray = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+        else:  # integers taken as 0..65535: exact integer rounding of v * 255 / 65535
+            values = np.clip(values.astype(np.int64), 0, 65535)
+            gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        image = Image.fromarray(gray)  # uint8 [H, W]: "L"
+        return image if mode == "L" else image.convert(mode)
+    return image.convert(mode)
+
+
 def read_resized_crop(path: str, channels: int, size: int, box_of, flip: bool) -> Tensor:
     """Decode the crop ``box_of(width, height) -> (x0, y0, x1, y1)`` of the image at ``path``,
     resized to ``size x size``, as ``uint8 [channels, size, size]`` (mirrored when ``flip``).
@@ -341,7 +383,7 @@ def read_resized_crop(path: str, channels: int, size: int, box_of, flip: bool) -
             im.draft(mode, req)
             sx, sy = im.size[0] / full[0], im.size[1] / full[1]
             x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
-        image = im if im.mode == mode else im.convert(mode)
+        image = to_uint8_mode(im, channels)
         out = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -548,6 +590,9 @@ def choose_streaming(
 
     Returns:
         ``(stream, reason)``: the reason is one line naming the decoded size and the threshold.
+
+    Raises:
+        ValueError: ``force="memory"`` and the decoded set exceeds the available RAM.
     """
     if force not in ("auto", "stream", "memory"):
         raise ValueError(f"force={force!r}: expected auto, stream or memory")
@@ -556,6 +601,11 @@ def choose_streaming(
     threshold = min(STREAM_MAX_BYTES, int(ram * STREAM_RAM_FRACTION))
     what = f"{n_images:,} images decoded at {channels}x{image_size}x{image_size} = {format_bytes(decoded)}"
     limit = f"threshold {format_bytes(threshold)} = min(4 GiB, 1/4 of {format_bytes(ram)} available RAM)"
+    if force == "memory" and decoded > ram:
+        raise ValueError(
+            f"--image-size {image_size} with --in-memory: {what}, more than the "
+            f"{format_bytes(ram)} of available RAM (stream it, or a smaller --image-size)"
+        )
     if force != "auto":
         return force == "stream", f"{force} (forced): {what}; {limit}"
     if decoded > threshold:

@@ -71,17 +71,6 @@ def blocks_per_stage(depth: int, bottleneck: bool) -> int:
     return (depth - 2) // (3 * layers)
 
 
-def _check_groups_divide(groups: int, widths: list[int], bottleneck: bool) -> None:
-    """Group norm needs every width divisible by ``groups``; PyramidNet's widths rarely are."""
-    channels = widths + ([4 * w for w in widths[1:]] if bottleneck else [])
-    common = math.gcd(*channels)
-    if not is_positive_int(groups) or common % groups:
-        raise ValueError(
-            f"norm_groups={groups!r} does not divide every PyramidNet width (they grow by about "
-            f"alpha/N channels per block); the largest that does is norm_groups={common}"
-        )
-
-
 class PyramidBlock(nn.Module):
     """One pyramidal residual unit: ``[N, C_in, H, W]`` -> ``[N, C_out, H/s, W/s]``, C_out >= C_in.
 
@@ -154,7 +143,8 @@ class PyramidNet(ConvNet):
         base_channels: width of the stem (16 in the paper).
         num_classes, in_chans: classifier outputs and input channels.
         norm, norm_groups: normalization (see :func:`cnnkit.layers.norm.make_norm`); with
-            ``"group"``, every block width must be divisible by ``norm_groups``.
+            ``"group"``, each layer takes the largest divisor of its width not above
+            ``norm_groups``.
         drop_path_rate: stochastic depth ``1 - p_L``, survival decaying linearly over all blocks.
         drop_path_mode: ``"inverted"`` or ``"paper"`` (see :class:`StochasticDepth`).
         drop_block, drop_block_size, drop_block_stages: DropBlock probability, block size
@@ -198,8 +188,6 @@ class PyramidNet(ConvNet):
             )
         n = blocks_per_stage(depth, bottleneck)
         widths = block_widths(base_channels, alpha, 3 * n, widening)
-        if norm == "group":
-            _check_groups_divide(norm_groups, [base_channels, *widths], bottleneck)
         survival = survival_probs(drop_path_rate, 3 * n)
         dropblock_on = drop_block_stage_indices(drop_block_stages, 3)
         block_size = (

@@ -123,3 +123,41 @@ def regularization_advice(config: dict | None) -> list[str]:
         f"{now(('label_smoothing',))}.",
         "More data or stronger augmentation, which regularizes without shrinking the model.",
     ]
+
+
+def divergence_advice(train: dict) -> list[str]:
+    """What makes a run that blew up (non-finite loss) train: a smaller step first."""
+    lr = _arg(train, "lr")
+    warmup = _arg(train, "warmup_epochs", default=1.0)
+    precision = _arg(train, "precision", default="auto")
+    lower = f"--lr {lr / 10:g}" if isinstance(lr, (int, float)) else "a tenth of the current --lr"
+    advice = [
+        f"Lower the learning rate ({lower}): a step too large for the loss surface sends the "
+        "weights to infinity.",
+        f"Warm up for longer (--warmup-epochs {max(2 * float(warmup), 2.0):g}), so the first "
+        "steps, taken before the normalization statistics settle, are small.",
+    ]
+    if precision != "fp32":
+        advice.append(
+            "Train in fp32 (--precision fp32) to rule out reduced-precision overflow or underflow."
+        )
+    return advice
+
+
+def chance_advice(train: dict) -> list[str]:
+    """What makes a network that learned nothing (chance accuracy) learn: data first, then
+    the step size, then the normalization."""
+    lr = _arg(train, "lr")
+    rate = f"--lr {lr:g}" if isinstance(lr, (int, float)) else "the --lr used"
+    return [
+        "Check the data and labels: look at a few training images with their labels; "
+        "shuffled, constant or misaligned labels leave nothing to learn, and so do images "
+        "normalized to a constant.",
+        f"Check the learning rate: {rate} may be too high (the weights saturate: the loss "
+        "jumps, then sits at log K) or far too low (nothing moves); try 10x lower and 10x "
+        "higher on a few epochs.",
+        "Check the normalization: a network without normalization (--norm none) or with a "
+        "broken input normalization (mean/std) often cannot start learning; try --norm batch.",
+        "Overfit a tiny subset first (--train-subset 100): a healthy setup reaches ~100% "
+        "training accuracy there within a few epochs.",
+    ]

@@ -299,14 +299,19 @@ def load_model(path: str | os.PathLike) -> nn.Module:
             f"{file}: saved with builder {builder}, {name} is now built by {info.builder.__name__}",
             stacklevel=2,
         )
+    # The architecture is first built on the meta device (shapes, no memory): kwargs whose
+    # tensors would not fit (num_classes=10**12) are a mismatch with the saved weights, not an
+    # allocation failure. The builders check the kwargs' types and ranges.
     try:
-        model = create_model(name, **kwargs)
+        with torch.device("meta"):
+            skeleton = create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: field 'kwargs' is rejected by {name}: {err}") from None
 
     weights_file = file.with_name(WEIGHTS_NAME)
     state = load_weights(weights_file)
-    _check_state(weights_file, model.state_dict(), state)
+    _check_state(weights_file, skeleton.state_dict(), state)
+    model = create_model(name, **kwargs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

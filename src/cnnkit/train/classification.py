@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ from cnnkit.train.task import Metric, Reducer, Runtime, StepOutput
 MAX_EVAL_BATCH = 512
 # The augmentation stream of a step, apart from the global generators' stream of the same step.
 _AUGMENT_STREAM = 1
+# A training split below either figure is too small to mean anything: a warning, not an error.
+SMALL_TRAIN_IMAGES = 10
+SMALL_TRAIN_PER_CLASS = 2
 
 
 @torch.no_grad()
@@ -83,7 +87,8 @@ def predict_logits(
 def model_overrides(cfg: TrainConfig, channels: int, num_classes: int, spec: str) -> dict[str, Any]:
     """Constructor arguments for ``cfg.model`` from the data and the regularizer flags.
 
-    A flag the architecture does not take is a ValueError naming both.
+    A flag the architecture does not take is a ValueError naming both; so is a ``--model-arg``
+    that contradicts the data (``num_classes``, ``in_chans``) or a flag given as well.
     """
     from cnnkit.models.registry import model_info
 
@@ -104,17 +109,50 @@ def model_overrides(cfg: TrainConfig, channels: int, num_classes: int, spec: str
         "--dropblock SIZE": ("drop_block_size", drop_block_size),
     }
     accepted = inspect.signature(info.builder).parameters
+    given: dict[str, str] = {
+        "num_classes": f"--data {spec}, which has {num_classes} classes",
+        "in_chans": f"--data {spec}, whose images have {channels} channel(s)",
+    }
     for flag, (name, value) in flags.items():
         if value is None:
             continue
         if name not in accepted:
             raise ValueError(f"{flag} is not supported by model {cfg.model!r}")
         kwargs[name] = value
+        given[name] = f"{flag} {value}"
     for name, value in cfg.model_args.items():
         if name not in accepted:
             raise ValueError(f"--model-arg {name}: model {cfg.model!r} has no such argument")
+        if name in given and value != kwargs[name]:
+            raise ValueError(f"--model-arg {name}={value!r} conflicts with {given[name]}")
         kwargs[name] = value
     return kwargs
+
+
+def check_input_size(name: str, kwargs: dict[str, Any], input_size: Sequence[int]) -> None:
+    """One ``input_size`` sample through model ``name`` on the meta device (shapes only: no
+    memory, no arithmetic): an image too small for the model's downsampling (densenet121 at
+    4 px pools 1x1 maps to 0x0) is a ValueError naming ``--image-size``, before any run
+    directory exists. The global random state is left as it was.
+    """
+    from cnnkit.models.registry import create_model
+
+    c, h, w = (int(v) for v in input_size)
+    state = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            probe = create_model(name, **kwargs).eval()
+            x = torch.empty(1, c, h, w)
+        with torch.no_grad():
+            probe(x)
+    except RuntimeError as err:  # a shape error: the meta kernels compute nothing else
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"--image-size {h}: model {name!r} cannot take {c}x{h}x{w} images ({reason}); "
+            "use larger images or another model"
+        ) from None
+    finally:
+        torch.set_rng_state(state)
 
 
 def _subset(data: DataSplits, cfg: TrainConfig) -> DataSplits:
@@ -124,6 +162,15 @@ def _subset(data: DataSplits, cfg: TrainConfig) -> DataSplits:
     order = stratified_order(data.train.labels, cfg.seed)
     keep = order[: cfg.train_subset].sort().values
     return dataclasses.replace(data, train=data.train.subset(keep))
+
+
+def _train_labels(stream: Any) -> Tensor:
+    """``int64 [N]``: the labels of a streamed training split (``--train-subset`` applied)."""
+    train = stream.train
+    keep = getattr(train, "keep", None)  # cnnkit.train.streamed._Keep: a subset
+    source = (train.dataset if keep is not None else train).source
+    labels = torch.as_tensor(source.labels, dtype=torch.int64)
+    return labels[torch.as_tensor(keep, dtype=torch.int64)] if keep is not None else labels
 
 
 class ClassificationTask:
@@ -169,6 +216,7 @@ class ClassificationTask:
             s = self.stream
             self.mean, self.std = s.mean, s.std
             self.classes, self.input_size, self.sizes = s.classes, s.input_size, s.sizes
+        self._check_sizes(runtime)
         # Streamed images come augmented from the workers: the batch step only normalizes
         # (and applies Cutout, which needs the normalized values).
         streamed = self.stream is not None
@@ -185,11 +233,73 @@ class ClassificationTask:
             self.train_x = self.data.train.images.to(runtime.device)
             self.train_y = self.data.train.labels.to(runtime.device)
 
+    def _check_sizes(self, runtime: Runtime) -> None:
+        """The flags that must fit the data, checked before any run directory exists: crop
+        padding and Cutout within the image, a batch no larger than this process's shard of the
+        training split; a training split too small to mean anything is a warning."""
+        cfg, side = self.cfg, min(self.input_size[1:])
+        if self.crop_padding >= side:
+            raise ValueError(
+                f"--crop-padding {self.crop_padding} must be smaller than the image side ({side}): "
+                "a crop would hold nothing but padding"
+            )
+        if cfg.cutout > side:
+            raise ValueError(f"--cutout {cfg.cutout} is larger than the image side ({side})")
+        n, world = self.sizes["train"], runtime.dist.world_size
+        shard = -(-n // world)
+        subset = f" (--train-subset {cfg.train_subset})" if cfg.train_subset else ""
+        if cfg.batch_size > shard:
+            where = f", {shard} per process of {world}" if world > 1 else ""
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} is larger than the training split{subset}: "
+                f"{n} images{where}"
+            )
+        self._check_memory(runtime)
+        labels = self.data.train.labels if self.data is not None else _train_labels(self.stream)
+        counts = torch.bincount(labels, minlength=len(self.classes))
+        fewest = int(counts.min())
+        if runtime.dist.is_main and (n < SMALL_TRAIN_IMAGES or fewest < SMALL_TRAIN_PER_CLASS):
+            warnings.warn(
+                f"--data {cfg.data}: the training split{subset} holds {n} images, "
+                f"{fewest} of class {self.classes[int(counts.argmin())]!r}: too few to learn "
+                "from or to measure anything",
+                stacklevel=2,
+            )
+
+    def _check_memory(self, runtime: Runtime) -> None:
+        """What must fit on the training device before the first step: the in-memory training
+        set (uint8, copied to the device whole) and one normalized batch (float32), a lower
+        bound of a step's memory; the device's free memory (CUDA) or the available RAM."""
+        from cnnkit.data.streaming import available_memory, format_bytes
+
+        cfg, device = self.cfg, runtime.device
+        c, h, w = self.input_size
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        elif device.type == "cpu":
+            free = available_memory()
+        else:
+            return
+        where = f"the {format_bytes(free)} free on {device}"
+        if self.data is not None and self.data.train.images.nbytes > free and device.type != "cpu":
+            raise ValueError(
+                f"--image-size {h}: the training split decoded at {c}x{h}x{w} takes "
+                f"{format_bytes(self.data.train.images.nbytes)}, more than {where} "
+                "(--stream reads it from disk instead)"
+            )
+        batch = cfg.batch_size * c * h * w * 4
+        if batch > free:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} at --image-size {h}: one float32 batch of "
+                f"{c}x{h}x{w} images takes {format_bytes(batch)}, more than {where}"
+            )
+
     def build_model(self) -> nn.Module:
         from cnnkit.models.registry import create_model
 
         channels, classes = self.input_size[0], len(self.classes)
         kwargs = model_overrides(self.cfg, channels, classes, self.cfg.data)
+        check_input_size(self.cfg.model, kwargs, self.input_size)
         return create_model(self.cfg.model, **kwargs)
 
     def train_size(self) -> int:
@@ -215,11 +325,20 @@ class ClassificationTask:
     # ------------------------------------------------------------------ steps and metrics
 
     def train_step(self, net: nn.Module, batch: tuple[Tensor, Tensor]) -> StepOutput:
+        """Backpropagate the (label-smoothed) cross-entropy; log the plain cross-entropy, the
+        quantity the dev loss measures, so the two curves compare like with like."""
         x, y = batch
-        logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        logits = net(x).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        logged = None
+        if self.label_smoothing:
+            with torch.no_grad():
+                logged = {"loss": F.cross_entropy(logits.detach(), y)}
         return StepOutput(
-            {"loss": loss}, int(y.shape[0]), {"accuracy": (logits.argmax(1) == y).sum()}
+            {"loss": loss},
+            int(y.shape[0]),
+            {"accuracy": (logits.argmax(1) == y).sum()},
+            logged=logged,
         )
 
     def _eval_batches(self, split: str, rank: int, world: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -19,6 +19,16 @@ SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "fp32", "bf16")
 TOGGLES = ("auto", "on", "off")
 STORAGES = ("auto", "stream", "memory")
+# --seed: torch's generators take a 64-bit seed; the largest signed one keeps seed + epoch valid.
+MAX_SEED = 2**63 - 1
+# --image-size (and a saved run's input size): a side beyond this is a typo, not a network
+# input (one 8192^2 RGB image is 805 MB as float32).
+MAX_IMAGE_SIZE = 8192
+# --threads / --workers: far beyond any machine's useful count (--threads 100000 aborted the
+# process inside libgomp; --workers 100000 would fork as many processes). Absolute bounds, not
+# this machine's CPUs: a run may resume on another machine.
+MAX_THREADS = 1024
+MAX_WORKERS = 256
 CIFAR_CROP_PADDING = 4
 DIGITS_CROP_PADDING = 2
 # Label smoothing on the digits: 0.1 took ResNet-20 from 99.00% to 99.33-100% test accuracy over
@@ -82,6 +92,17 @@ class TrainConfig:
         self._validate_choices()
         parse_dropblock(self.dropblock)
 
+    def _real(self, name: str) -> float | None:
+        """The number behind option ``name`` (None stays None): an int or float, finite."""
+        value = getattr(self, name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        return value
+
     def _validate_counts(self) -> None:
         """Integer options must be positive integers (the optional ones when given)."""
         optional = ("train_subset", "threads", "in_chans", "norm_groups", "save_every")
@@ -93,10 +114,34 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
                 )
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"--image-size must be at most {MAX_IMAGE_SIZE}, got {self.image_size!r}"
+            )
+        for name in ("cutout", "crop_padding", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+        for name, bound in (("threads", MAX_THREADS), ("workers", MAX_WORKERS)):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > bound:
+                raise ValueError(f"--{name} must be at most {bound}, got {value!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in 0..2**63-1, got {self.seed!r}")
 
     def _validate_ranges(self) -> None:
-        """Rates, probabilities and sizes must lie in their ranges."""
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+        """Rates, probabilities and sizes must be finite numbers in their ranges."""
+        for name in (
+            "lr",
+            "weight_decay",
+            "momentum",
+            "warmup_epochs",
+            "label_smoothing",
+            "drop_path",
+            "dropout",
+        ):
+            self._real(name)
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")

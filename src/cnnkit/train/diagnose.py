@@ -20,7 +20,13 @@ How the curves are read (trends over the end of training, levels as window means
 Several findings can hold at once; one becomes the verdict, the others are kept as notes.
 :data:`RULES` is the table of verdicts, first match wins:
 
+* ``diverged``: the run blew up (a non-finite training loss in any epoch, a non-finite loss in
+  the last epoch, or the engine stopped it as diverged). Whatever the curves did before, the
+  step size or the numerics are the fault; more epochs or capacity would change nothing.
 * ``too_short``: fewer than ``MIN_EPOCHS`` epochs, there is no trend to read.
+* ``stuck_at_chance``: training and dev accuracy ~ 1/K (K classes, from the config's
+  ``data.classes``), or the training loss flat at log K: the network learned nothing, which
+  points at the data, the learning rate or the normalization, not at its size.
 * ``underfitting`` (flat and far from fitting the training set): bias comes first; regularizing
   a model that cannot fit its training data makes it worse. Overfitting signs become a note.
 * ``overfitting``: wins over "still improving" because more epochs would widen the gap; the
@@ -46,12 +52,16 @@ from cnnkit.train.advice import (
     CAPACITY_LADDER,
     LEARNING_RATE_ADVICE,
     capacity_advice,
+    chance_advice,
+    divergence_advice,
     epochs_advice,
     less_regularization,
     regularization_advice,
     train_args,
 )
 from cnnkit.train.findings import (
+    CHANCE_ACCURACY_MARGIN,
+    CHANCE_LOSS_FRACTION,
     DEV_ACCURACY_DROP,
     DEV_LOSS_RISE,
     GAP_WIDENING,
@@ -73,6 +83,8 @@ from cnnkit.train.findings import (
 # The thresholds of the findings and the capacity ladder stay importable from here.
 __all__ = [
     "CAPACITY_LADDER",
+    "CHANCE_ACCURACY_MARGIN",
+    "CHANCE_LOSS_FRACTION",
     "DEV_ACCURACY_DROP",
     "DEV_LOSS_RISE",
     "GAP_WIDENING",
@@ -99,7 +111,15 @@ MIN_EPOCHS = 3
 # left with >10% training error cannot fit the data.
 UNDERFIT_TRAIN_ERROR = 0.10
 
-VERDICTS = ("too_short", "underfitting", "overfitting", "still_improving", "healthy")
+VERDICTS = (
+    "diverged",
+    "too_short",
+    "stuck_at_chance",
+    "underfitting",
+    "overfitting",
+    "still_improving",
+    "healthy",
+)
 
 
 @dataclass
@@ -141,6 +161,35 @@ def _too_short(f: Findings, config: dict | None) -> _Texts:
         f"{f.final} The diagnosis needs at least {MIN_EPOCHS} epochs to tell a curve that is "
         "still moving from one that has levelled off.",
         [epochs_advice(f.n, train_args(config), MIN_EPOCHS)],
+        [],
+    )
+
+
+def _diverged(f: Findings, config: dict | None) -> _Texts:
+    first: dict[str, list[int]] = {}
+    for key, epoch in f.non_finite:
+        first.setdefault(key.replace("_", " ").replace("train", "training"), []).append(epoch)
+    where = "; ".join(
+        f"the {k} from epoch {es[0]}" + (f" ({len(es)} epochs)" if len(es) > 1 else "")
+        for k, es in first.items()
+    )
+    found = f"Non-finite (NaN or inf): {where}" if where else "The run was stopped as diverged"
+    return (
+        "training diverged: the loss became NaN or infinite.",
+        f"{f.final} {found}: the weights blew up. Training longer or a bigger model would "
+        "change nothing; the step size or the numerics must.",
+        divergence_advice(train_args(config)),
+        [],
+    )
+
+
+def _stuck_at_chance(f: Findings, config: dict | None) -> _Texts:
+    return (
+        "the network has learned nothing: its predictions are no better than chance.",
+        f"{f.final} Over {f.c.span} {f.chance_words}: the predictions are no better than a "
+        "uniform guess. A model too small would still learn something; learning nothing "
+        "points at the labels or the data, the learning rate, or the normalization.",
+        chance_advice(train_args(config)),
         [],
     )
 
@@ -258,7 +307,17 @@ class _Rule(NamedTuple):
 
 # The verdicts in precedence order, first match wins (the module docstring says why).
 RULES = (
+    _Rule(
+        "diverged",
+        lambda f: (
+            f.stopped_diverged
+            or f.ended_non_finite
+            or any(k == "train_loss" for k, _ in f.non_finite)
+        ),
+        _diverged,
+    ),
     _Rule("too_short", lambda f: f.n < MIN_EPOCHS, _too_short),
+    _Rule("stuck_at_chance", lambda f: f.at_chance, _stuck_at_chance),
     _Rule(
         "underfitting",
         lambda f: f.train_error > UNDERFIT_TRAIN_ERROR and not f.improving,
@@ -276,6 +335,7 @@ def diagnose(
     *,
     metric: str = "accuracy",
     higher_is_better: bool = True,
+    diverged: bool = False,
 ) -> Diagnosis:
     """Diagnose a run from its history records (see :mod:`cnnkit.records`).
 
@@ -288,6 +348,8 @@ def diagnose(
         metric: the primary metric's name in the records, e.g. ``"accuracy"``, ``"box_ap"``;
             a name that no record holds is a ValueError naming the metrics they do hold.
         higher_is_better: False for a metric such as an error rate (0 is perfect).
+        diverged: the run was stopped as diverged (its last, non-finite epoch is then not in
+            ``records``).
 
     Returns:
         A :class:`Diagnosis`; the module docstring gives the procedure and the precedence.
@@ -304,7 +366,10 @@ def diagnose(
         )
     records = sorted(records, key=lambda r: r.get("epoch", 0))
     m = Metric(metric, bool(higher_is_better))
-    f = measure(records, m, trends=len(records) >= MIN_EPOCHS)
+    classes = ((config or {}).get("data") or {}).get("classes")
+    k = len(classes) if isinstance(classes, list) else None
+    f = measure(records, m, trends=len(records) >= MIN_EPOCHS, classes=k)
+    f.stopped_diverged = bool(diverged)
     rule = next(r for r in RULES if r.when(f))
     summary, explanation, advice, notes = rule.write(f, config)
     return Diagnosis(rule.verdict, summary, explanation, advice, f.notes + notes, f.figures)

@@ -10,6 +10,8 @@ engine does the rest, once for every task:
 * DistributedDataParallel: each rank trains its shard of a per-epoch permutation, metrics are
   reduced over ranks, rank 0 writes (:mod:`cnnkit.train.distributed`);
 * checkpoints at every epoch end and every ``--save-every`` steps, and ``--resume``;
+* the run directory, unique, locked, never silently replaced (:mod:`cnnkit.train.rundir`);
+* a non-finite loss or metric stops the run, the last good checkpoint kept;
 * the history of every named loss and metric, the curves, the diagnosis and the report
   (:mod:`cnnkit.train.outputs`).
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from cnnkit.train import distributed as D
+from cnnkit.train.compiler import compile_or_eager, is_compiler_error, warn_unavailable
 from cnnkit.train.config import TrainConfig, effective_lr, parse_dropblock
 from cnnkit.train.describe import describe, train_section
 from cnnkit.train.device import (
@@ -43,19 +46,19 @@ from cnnkit.train.device import (
     resolve_precision,
     wants_cuda,
 )
+from cnnkit.train.divergence import TrainingDiverged, diverged, non_finite
 from cnnkit.train.optim import LRSchedule, build_optimizer
 from cnnkit.train.outputs import RunOutputs, default_run_dir
 from cnnkit.train.plan import StepPlan
 from cnnkit.train.progress import EpochTotals, Progress
 from cnnkit.train.resume import TrainState
 from cnnkit.train.rng import seed_step
+from cnnkit.train.rundir import check_target, claim, continue_run
 from cnnkit.train.task import Runtime, StepOutput, Task
 
+__all__ = ["CHECKPOINT_NAME", "Engine", "TrainingDiverged"]
+
 CHECKPOINT_NAME = "last.ckpt"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 class Engine:
@@ -64,8 +67,11 @@ class Engine:
     Args:
         cfg: the training arguments.
         task: what to train (:class:`cnnkit.train.task.Task`).
-        run_dir: where to write (default: ``cfg.out`` or a fresh ``runs/...`` name).
+        run_dir: where to write (default: ``cfg.out`` or a fresh ``runs/...`` name); one
+            holding a run is refused (ValueError) unless ``overwrite`` or continued.
         resume: the state read from ``last.ckpt`` to continue from.
+        overwrite: replace the run ``run_dir`` holds.
+        resuming: ``run_dir`` holds this run, continued (implied by ``resume``).
         log: a function taking one line of text (default: tqdm's ``write`` on rank 0).
     """
 
@@ -77,9 +83,16 @@ class Engine:
         run_dir: str | os.PathLike | None = None,
         resume: dict[str, Any] | None = None,
         log=None,
+        overwrite: bool = False,
+        resuming: bool = False,
     ) -> None:
         self.cfg, self.task = cfg, task
         self.ctx = D.init_from_env(use_cuda=wants_cuda(cfg.device))
+        self._fresh_dir = not (run_dir or cfg.out)
+        self.run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
+        self._overwrite, self._resuming = overwrite, resuming or resume is not None
+        if self.ctx.is_main and not self._fresh_dir and not self._resuming:
+            check_target(self.run_dir, overwrite=overwrite)  # before anything is loaded
         self.device = resolve_device(cfg.device, self.ctx.local_rank)
         self._log = log
         self._setup_determinism()
@@ -95,7 +108,6 @@ class Engine:
         self._plan_steps()
         self._setup_optimizer()
         self._wrap_model()
-        self.run_dir = Path(run_dir or cfg.out or default_run_dir(cfg))
         self.outputs = RunOutputs(self.run_dir, self.ctx.is_main, cfg.tensorboard, task.metric)
         self.state = TrainState()
         if resume is not None:
@@ -153,24 +165,10 @@ class Engine:
         self.net = D.wrap_model(self.model, self.ctx, self.device, cfg.sync_bn)
         if cfg.sync_bn and self.ctx.enabled:
             self.model = self.net.module
-        self.step_net = self._compiled(self.net) if self.use_compile else self.net
+        compiled = compile_or_eager(self.net) if self.use_compile else None
+        self.use_compile = compiled is not None
+        self.step_net = compiled if compiled is not None else self.net
         self._compile_checked = not self.use_compile
-
-    def _compiled(self, net: nn.Module) -> nn.Module:
-        try:
-            return torch.compile(net)
-        except Exception as err:  # no compiler, unsupported platform: train eagerly
-            self._compile_failed(err)
-            return net
-
-    def _compile_failed(self, err: BaseException) -> None:
-        warnings.warn(
-            f"torch.compile is unavailable ({type(err).__name__}: {str(err)[:200]}); "
-            "training without it",
-            stacklevel=3,
-        )
-        self.use_compile = False
-        self.step_net = self.net
 
     def log(self, text: str) -> None:
         if not self.ctx.is_main:
@@ -186,15 +184,16 @@ class Engine:
 
     def train_step(self, batch: Any) -> StepOutput:
         """One optimizer step on a prepared batch; the first call compiles, and a compiler
-        failure falls back to eager mode once."""
+        failure (:func:`cnnkit.train.compiler.is_compiler_error`) falls back to eager mode once."""
         if self._compile_checked:
             return self._step(self.step_net, batch)
         try:
             out = self._step(self.step_net, batch)
         except Exception as err:
-            if isinstance(err, TrainingDiverged):
+            if not is_compiler_error(err):  # out of memory, a bug in the model: as it is
                 raise
-            self._compile_failed(err)
+            warn_unavailable(err)
+            self.use_compile, self.step_net = False, self.net
             out = self._step(self.net, batch)
         self._compile_checked = True
         return out
@@ -249,7 +248,9 @@ class Engine:
         totals.lr = lr
         totals.reduce(self.ctx)
         if not math.isfinite(totals.loss):
-            self._diverged(epoch, self.steps_per_epoch)
+            self._diverged(
+                f"non-finite training loss at epoch {epoch}, step {self.steps_per_epoch}"
+            )
         D.broadcast_buffers(self.model, self.ctx)
         return totals
 
@@ -266,23 +267,20 @@ class Engine:
         """Stop on a non-finite running loss; show the running figures on ``progress``."""
         figures = totals.means()
         if not math.isfinite(figures["loss"]):
-            self._diverged(epoch, step)
+            self._diverged(f"non-finite training loss at epoch {epoch}, step {step}")
         if progress is not None:
             progress.running(
                 step, figures, lr, totals.count * self.ctx.world_size / max(totals.seconds, 1e-9)
             )
 
-    def _diverged(self, epoch: int, step: int) -> None:
-        ckpt = self.run_dir / CHECKPOINT_NAME
-        last = (
-            f"the last good checkpoint is {ckpt} (epoch {self.state.epoch}), left intact"
-            if ckpt.is_file()
-            else "no checkpoint was written yet"
-        )
-        raise TrainingDiverged(
-            f"non-finite training loss at epoch {epoch}, step {step}; {last}. Try a lower --lr, "
-            "a longer --warmup-epochs or --precision fp32"
-        )
+    def _check_evaluation(self, figures: dict[str, float], split: str, when: str) -> None:
+        """Stop when ``split``'s loss or primary metric is not finite."""
+        bad = non_finite(figures, ("loss", self.task.metric.name))
+        if bad is not None:
+            self._diverged(f"non-finite {split} {bad[0]} ({bad[1]}) {when}")
+
+    def _diverged(self, what: str) -> None:
+        raise diverged(what, self.run_dir / CHECKPOINT_NAME, self.state.epoch)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -327,13 +325,24 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test, save and report; returns metrics.json's dict."""
         cfg, state = self.cfg, self.state
-        self.outputs.open(state.epoch, self.save_model_files)
-        self.log(self.describe())
-        self.log(f"run directory: {self.run_dir}")
-        if state.epoch or state.partial:
-            self.log(f"resuming after epoch {state.epoch}, step {state.global_step}")
-        first = state.epoch + 1
+        lock = None
+        if self.ctx.is_main:  # rank 0 owns the run directory for the run's life
+            self.run_dir, lock = claim(
+                self.run_dir,
+                fresh=self._fresh_dir,
+                overwrite=self._overwrite,
+                resuming=self._resuming,
+            )
+            self.outputs.run_dir = self.run_dir
         try:
+            if self._resuming and lock is not None:
+                continue_run(self.run_dir, self.train_section(), state.epoch < cfg.epochs)
+            self.outputs.open(state.epoch, self.save_model_files)
+            self.log(self.describe())
+            self.log(f"run directory: {self.run_dir}")
+            if state.epoch or state.partial:
+                self.log(f"resuming after epoch {state.epoch}, step {state.global_step}")
+            first = state.epoch + 1
             for epoch in range(first, cfg.epochs + 1):
                 self._run_epoch(epoch)
             # Each epoch ends by saving the model files; only a resumed, already finished run
@@ -341,6 +350,8 @@ class Engine:
             return self._finish(model_saved=state.epoch >= first)
         finally:
             self.outputs.close()
+            if lock is not None:
+                lock.release()
 
     def _run_epoch(self, epoch: int) -> None:
         progress = Progress.open(self, epoch)
@@ -352,6 +363,7 @@ class Engine:
         finally:
             if progress is not None:
                 progress.close()
+        self._check_evaluation(dev, "dev", f"at epoch {epoch}")
         self.state.epoch = epoch
         self.state.train_seconds += totals.seconds
         record = totals.record(epoch, dev)
@@ -366,6 +378,7 @@ class Engine:
 
     def _finish(self, model_saved: bool) -> dict[str, Any]:
         test = self.evaluate("test")
+        self._check_evaluation(test, "test", f"after epoch {self.state.epoch}")
         spread = D.max_replica_difference(self.model, self.ctx)
         if not self.ctx.is_main:
             return {}

@@ -14,7 +14,7 @@ overfitting is then the dev metric falling from its best.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cnnkit.records import series
@@ -44,6 +44,11 @@ DEV_LOSS_RISE = 0.05
 DEV_ACCURACY_DROP = 0.01
 # Epochs averaged when smoothing a curve before taking its best value (min of raw noise is biased).
 SMOOTHING_EPOCHS = 3
+# Stuck at chance: accuracy within this of 1/K (at most 1/K itself: up to 55% for 2 classes,
+# 15% for 10, 2% for 100), or the training loss within this fraction of log K, the
+# cross-entropy of a uniform guess, after training stopped moving.
+CHANCE_ACCURACY_MARGIN = 0.05
+CHANCE_LOSS_FRACTION = 0.05
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -243,6 +248,11 @@ class Findings:
     overfit_words: str = ""
     mild_note: str = ""
     train_error: float = math.nan  # distance of the training metric from perfect
+    non_finite: list[tuple[str, int]] = field(default_factory=list)  # (loss key, epoch)
+    ended_non_finite: bool = False  # the last epoch's training or dev loss is NaN/inf
+    at_chance: bool = False  # accuracy ~ 1/K or training loss ~ log K (K known)
+    stopped_diverged: bool = False  # the engine stopped the run on a non-finite figure
+    chance_words: str = ""
 
     @property
     def n(self) -> int:
@@ -257,8 +267,11 @@ class Findings:
         return bool(_finite(self.c.dev_score))
 
 
-def measure(records: list[dict], m: Metric, *, trends: bool) -> Findings:
-    """The curves of ``records`` (sorted by epoch) and, if ``trends``, what their end shows."""
+def measure(
+    records: list[dict], m: Metric, *, trends: bool, classes: int | None = None
+) -> Findings:
+    """The curves of ``records`` (sorted by epoch) and, if ``trends``, what their end shows;
+    ``classes`` (K, when known) lets it tell a network stuck at chance."""
     n = len(records)
     epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(records)]
     window = min(n, max(MIN_TREND_EPOCHS, math.ceil(TREND_FRACTION * n)))
@@ -279,6 +292,17 @@ def measure(records: list[dict], m: Metric, *, trends: bool) -> Findings:
         f"final_dev_{m.name}": m.value(_mean(c.tail(c.dev_score))),
     }
     f = Findings(c, _final_figures(c), figures, _data_notes(records, c))
+    f.non_finite = _non_finite(records, c)
+    # Blew up at the end: the last loss is non-finite where that loss was finite before (a dev
+    # loss that is NaN throughout was never measured).
+    f.ended_non_finite = any(
+        e == c.epochs[-1] and _finite(values)
+        for k, e in f.non_finite
+        for values in [c.train_loss if k == "train_loss" else c.dev_loss]
+    )
+    if trends and classes is not None and classes >= 2:
+        f.at_chance, f.chance_words, fig = _chance(c, classes)
+        figures.update(fig)
     if trends:
         f.improving, f.improving_words, fig = _improving(c)
         figures.update(fig)
@@ -286,6 +310,44 @@ def measure(records: list[dict], m: Metric, *, trends: bool) -> Findings:
         figures.update(fig)
         f.train_error = m.shortfall(train_end)
     return f
+
+
+def _non_finite(records: list[dict], c: Curves) -> list[tuple[str, int]]:
+    """(key, epoch) of every recorded training or dev loss that is NaN, inf or null."""
+    out = []
+    for key, values in (("train_loss", c.train_loss), ("dev_loss", c.dev_loss)):
+        out += [
+            (key, e)
+            for e, r, v in zip(c.epochs, records, values, strict=True)
+            if key in r and (r[key] is None or isinstance(r[key], (int, float))) and math.isnan(v)
+        ]
+    return out
+
+
+def _chance(c: Curves, classes: int) -> tuple[bool, str, dict]:
+    """Whether the end of training sits at chance for ``classes`` classes: training (and dev)
+    accuracy within the margin of 1/K, or, without accuracies, a flat training loss ~ log K."""
+    chance, uniform = 1.0 / classes, math.log(classes)
+    margin = min(CHANCE_ACCURACY_MARGIN, chance)
+    figures = {"chance_accuracy": chance, "uniform_guess_loss": uniform}
+    if c.metric.name != "accuracy" or not c.metric.higher_is_better:
+        return False, "", figures
+    train_acc, dev_acc = _mean(c.tail(c.train_score)), _mean(c.tail(c.dev_score))
+    loss = _mean(c.tail(c.train_loss))
+    near = [abs(v - chance) <= margin for v in (train_acc, dev_acc) if not math.isnan(v)]
+    if near:
+        holds = all(near)
+        words = (
+            f"training and dev accuracy ({pct(train_acc)}, {pct(dev_acc)}) sit at chance, "
+            f"1/{classes} = {pct(chance)}"
+        )
+    else:
+        flat = not math.isnan(loss) and abs(loss - uniform) <= CHANCE_LOSS_FRACTION * uniform
+        holds = flat and not _improving(c)[0]
+        words = f"the training loss ({loss:.3g}) sits at log {classes} = {uniform:.3g}"
+    if holds and not math.isnan(loss) and near:
+        words += f", the training loss at {loss:.3g} (log {classes} = {uniform:.3g})"
+    return holds, words if holds else "", figures
 
 
 def _final_figures(c: Curves) -> str:

@@ -6,7 +6,9 @@ One record per epoch, keys (accuracies are fractions in [0, 1])::
     images_per_second, epoch_seconds
 
 ``history.jsonl`` is the source of truth: each epoch appends one line and fsyncs it, so a
-crash can at worst cut the last line, which :meth:`History.load` drops with a warning.
+crash can at worst cut the last line, which :meth:`History.load` drops with a warning. It is
+strict JSON: a non-finite value (a diverged loss) is ``null``, read back as NaN
+(:func:`cnnkit.records.to_json`); history.csv writes it as ``nan``.
 ``history.csv`` is a convenience copy for spreadsheets, rewritten atomically each epoch.
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.atomic import atomic_write_text
-from cnnkit.records import check_record, series
+from cnnkit.records import check_record, series, to_json
 
 JSONL_NAME = "history.jsonl"
 CSV_NAME = "history.csv"
@@ -75,7 +77,7 @@ class History:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._synced:
             with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(to_json(record) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         else:
@@ -137,7 +139,7 @@ class History:
         return series(self.records, key)
 
     def _rewrite_jsonl(self) -> None:
-        atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.jsonl_path, "".join(to_json(r) + "\n" for r in self.records))
         self._synced = True
 
     def _rewrite_csv(self) -> None:

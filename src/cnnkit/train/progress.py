@@ -3,7 +3,9 @@
 Every named loss and every summed figure of a task's steps is accumulated on the device, as
 ``float64`` sums weighted by the batch size, so reading them waits for the device only when
 they are shown. The history record of an epoch holds ``train_loss`` (the sum of the named
-losses), ``train_<loss name>`` when there are several, ``train_<figure>`` for each summed
+losses the step logs: :attr:`StepOutput.logged` where given, else its ``losses``),
+``train_objective`` (the sum of the backpropagated ``losses``) when the two differ,
+``train_<loss name>`` when there are several, ``train_<figure>`` for each summed
 figure (e.g. ``train_accuracy``), ``dev_<metric>`` for each of the task's dev metrics, the rate,
 the throughput and the epoch's wall time.
 """
@@ -39,18 +41,23 @@ class EpochTotals:
         self.sums[key] += value
 
     def add(self, out: StepOutput) -> None:
-        """Add one step: each loss (a batch mean) weighted by ``out.count``."""
+        """Add one step: each logged loss (a batch mean) weighted by ``out.count``; the
+        objective too (as ``objective``) when the step logs other figures than it optimizes."""
         n = out.count
+        logged = out.losses if out.logged is None else out.logged
         with torch.no_grad():
-            total = sum(v.detach().double() for v in out.losses.values())
+            total = sum(v.detach().double() for v in logged.values())
             self._add("loss", total * n)
-            if len(out.losses) > 1:
-                for name, value in out.losses.items():
+            if out.logged is not None:
+                objective = sum(v.detach().double() for v in out.losses.values())
+                self._add("objective", objective * n)
+            if len(logged) > 1:
+                for name, value in logged.items():
                     self._add(f"loss_{name}", value.detach().double() * n)
             for name, value in out.sums.items():
                 self._add(name, value.detach().double())
         if not self.loss_names:
-            self.loss_names = list(out.losses) if len(out.losses) > 1 else []
+            self.loss_names = list(logged) if len(logged) > 1 else []
             self.figure_names = list(out.sums)
         self._add("count", float(n))
         self.steps += 1

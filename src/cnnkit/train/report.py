@@ -77,17 +77,33 @@ def _parameter_count(config: dict, metrics: dict) -> int | None:
         return None
 
 
-def _train_rows(train: dict) -> list[tuple[str, Any]]:
-    """The main training arguments; where ``auto``/default was resolved, the resolved value."""
+def _base_lr(train: dict, resolved: dict) -> float | None:
+    """``--lr`` as used: the effective rate undone by the linear scaling rule
+    (``lr = effective * lr_batch / global_batch``), for runs that left ``--lr`` at its default."""
+    effective, batch, ref = resolved.get("lr"), resolved.get("global_batch"), train.get("lr_batch")
+    numbers = (effective, batch, ref)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return None
+    return effective * ref / batch if batch > 0 else None
+
+
+def _train_rows(train: dict, model_kwargs: dict) -> list[tuple[str, Any]]:
+    """The main training arguments as used: where ``auto``/a default was resolved, the resolved
+    value (``--lr`` from ``train.resolved``, ``--norm`` from the model's arguments)."""
     resolved = train.get("resolved") if isinstance(train.get("resolved"), dict) else {}
+    used = {"lr": _base_lr(train, resolved), "norm": model_kwargs.get("norm")}
     rows = []
     for key in MAIN_TRAIN_ARGS:
         if key not in train:
             continue
-        value, actual = train[key], resolved.get(key)
-        if key != "lr" and actual is not None and actual != value:
-            value = actual if value is None else f"{value} ({actual})"
-        rows.append((key, "default" if value is None else value))
+        value, actual = train[key], used.get(key, resolved.get(key))
+        if key == "dropblock" and not value:
+            value = "off"
+        elif value is None and actual is not None:
+            value = f"{_fmt(actual)} (default)"
+        elif actual is not None and actual != value and key != "lr":
+            value = f"{value} ({actual})"
+        rows.append((key, "not recorded" if value is None else value))
     for key, label in (
         ("lr", "effective lr (linear scaling rule)"),
         ("global_batch", "global batch"),
@@ -134,8 +150,9 @@ def render_report(run_dir: Path, config: dict, metrics: dict, diagnosis: Diagnos
                 " / ".join(str(sizes.get(s, "?")) for s in ("train", "dev", "test")),
             )
         )
-    rows += _train_rows(train)
-    kwargs = {k: v for k, v in config.get("kwargs", {}).items() if v not in (None, 0, 0.0, False)}
+    model_kwargs = config.get("kwargs") if isinstance(config.get("kwargs"), dict) else {}
+    rows += _train_rows(train, model_kwargs)
+    kwargs = {k: v for k, v in model_kwargs.items() if v not in (None, 0, 0.0, False)}
     rows.append(("model arguments", kwargs))
     rows.append(("cnnkit version", config.get("cnnkit_version", "?")))
     lines += _table(rows, ("setting", "value")) + [""]

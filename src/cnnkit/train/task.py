@@ -58,11 +58,16 @@ class StepOutput:
     ``count``: samples in the batch, the weight of this step in the epoch's means.
     ``sums``: extra figures summed over the batch (e.g. ``{"accuracy": correct}``); the history
     records ``train_<name> = sum / count``.
+    ``logged``: the named per-batch-mean losses the history records as ``train_loss`` (their
+    sum) when they differ from the objective ``losses`` (e.g. the plain cross-entropy of a
+    label-smoothed step, comparable with the dev loss); the objective's sum is then recorded
+    too, as ``train_objective``. None: the history records ``losses`` themselves.
     """
 
     losses: dict[str, Tensor]
     count: int
     sums: dict[str, Tensor] = field(default_factory=dict)
+    logged: dict[str, Tensor] | None = None
 
 
 class Reducer(Protocol):
