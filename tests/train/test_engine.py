@@ -223,7 +223,7 @@ def test_too_small_a_training_split_warns_but_trains(digits16, tmp_path):
 
 
 def test_image_size_the_model_cannot_take_names_it(tmp_path):
-    from cnnkit.train.classification import check_input_size
+    from cnnkit.train.model_args import check_input_size
 
     tiny4 = load_data("digits", image_size=4)
     cfg = TrainConfig(model="densenet121", image_size=4, crop_padding=1, batch_size=64,
@@ -278,7 +278,7 @@ def test_dropblock_is_ramped(digits16, tmp_path):
     assert all(b.drop_prob == pytest.approx(0.1, abs=0.02) for b in blocks)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits16, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits16, tmp_path, capsys):
     trainer = Trainer(tiny_config(epochs=3), data=digits16, run_dir=tmp_path)
     augment = trainer.task.augment
     poison_at = trainer.steps_per_epoch + 1  # the second step of epoch 2
@@ -293,6 +293,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits16, tmp_path)
     state = load_state(tmp_path / "last.ckpt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # The history ends at the good epoch 1; the record of the divergence makes `cnnkit
+    # diagnose` say so instead of "too short, train longer".
+    from cnnkit.cli.main import main
+
+    assert (tmp_path / "diverged.json").is_file()
+    assert main(["diagnose", str(tmp_path)]) == 0
+    assert "Diagnosis: diverged" in capsys.readouterr().out
 
 
 def test_batch_larger_than_the_memory_is_refused(digits16, tmp_path, monkeypatch):

@@ -79,4 +79,4 @@ def test_backpropagated_loss_is_the_smoothed_one():
     out = ClassificationTask(cfg).train_step(_model(), (x, y))
     _, smoothed = _by_hand(_model()(x).detach(), y, 0.1)
     assert out.losses["loss"].requires_grad
-    assert float(out.losses["loss"]) == pytest.approx(smoothed, rel=1e-6)
+    assert float(out.losses["loss"].detach()) == pytest.approx(smoothed, rel=1e-6)

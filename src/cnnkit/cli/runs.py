@@ -466,6 +466,7 @@ def _read_image(
 def run_diagnose(args: argparse.Namespace) -> int:
     from cnnkit.train.checkpoint import read_config
     from cnnkit.train.diagnose import diagnose
+    from cnnkit.train.divergence import read_divergence
     from cnnkit.train.history import History
 
     run_dir = _run_dir(args.run_dir)
@@ -481,5 +482,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
             f"{run_dir / 'config.json'}: train.resolved.metric must be a name and "
             "train.resolved.higher_is_better true or false"
         )
-    print(diagnose(history.records, config, metric=metric, higher_is_better=higher))
+    stopped = read_divergence(run_dir)
+    print(
+        diagnose(history.records, config, metric=metric, higher_is_better=higher, diverged=stopped)
+    )
     return 0

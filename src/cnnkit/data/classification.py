@@ -106,17 +106,6 @@ class DataSplits:
         c, h, w = self.train.images.shape[1:]
         return int(c), int(h), int(w)
 
-    def facts(self) -> dict[str, Any]:
-        """The ``data`` section of config.json."""
-        return {
-            "spec": self.spec,
-            "classes": list(self.classes),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "input_size": list(self.input_size),
-            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
-        }
-
 
 # --------------------------------------------------------------------------- entry point
 
@@ -676,19 +665,6 @@ class StreamSplits:
         return StreamDataset(
             getattr(self, split), image_size=self.image_size, train=train, seed=seed, **recipe
         )
-
-    def facts(self) -> dict[str, Any]:
-        """The ``data`` section of config.json (as :meth:`DataSplits.facts`, plus how)."""
-        return {
-            "spec": self.spec,
-            "classes": list(self.classes),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "input_size": list(self.input_size),
-            "sizes": {s: len(getattr(self, s)) for s in SPLITS},
-            "stream": True,
-            "stats_images": self.stats_images,
-        }
 
 
 def _parse_spec(spec: str) -> tuple[str, str]:

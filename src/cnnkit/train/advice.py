@@ -54,8 +54,9 @@ def epochs_advice(n: int, train: dict, min_epochs: int) -> str:
     more = max(2 * planned, 2 * min_epochs) if n < min_epochs else 2 * planned
     return (
         f"Train longer: --epochs {more} (this run: {planned}). The learning-rate "
-        "schedule spans the whole run, so start a new run with more epochs rather than "
-        "resuming this one."
+        "schedule spans the whole run: a new run with more epochs follows the recipe; "
+        f"--resume RUN --epochs {more} is quicker but re-plans the schedule from where this "
+        "run stopped (a finished cosine run restarts warm)."
     )
 
 

@@ -6,7 +6,9 @@ faster, ``torch.compile`` where the run is long enough to repay the compilation.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import torch
 
@@ -103,3 +105,28 @@ def resolve_compile(cfg: TrainConfig, device: torch.device, total_steps: int) ->
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast on ``device`` when ``precision`` is ``"bf16"``, a no-op context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def resolve_numerics(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
+    """``(precision, channels_last)`` for ``device``; a warning for bf16 where it is emulated."""
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn(
+            "--precision bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow",
+            stacklevel=3,
+        )
+    return precision, resolve_channels_last(cfg.channels_last, device, precision)
+
+
+def set_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    """Threads (``--threads``), deterministic kernels (``--deterministic``) or cuDNN's
+    autotuner (the fastest convolution algorithms, chosen by timing, when not deterministic)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -3,8 +3,13 @@ metric of an evaluated split. The CLI reports :class:`TrainingDiverged` as exit 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+
+# Written into the run directory when a run stops as diverged (its history ends at the last
+# good epoch, so the history alone looks like a healthy, short run): `cnnkit diagnose` reads it.
+DIVERGED_NAME = "diverged.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,3 +36,18 @@ def diverged(what: str, checkpoint: Path, epoch: int) -> TrainingDiverged:
     return TrainingDiverged(
         f"{what}; {last}. Try a lower --lr, a longer --warmup-epochs or --precision fp32"
     )
+
+
+def record_divergence(run_dir: Path, error: TrainingDiverged, epoch: int, step: int) -> None:
+    """Write ``run_dir/diverged.json`` (why, after which epoch and step), when the run has a
+    directory; a resumed run that trains further removes it."""
+    from cnnkit.atomic import atomic_write_text
+
+    if run_dir.is_dir():
+        record = {"reason": str(error), "epochs_done": epoch, "global_step": step}
+        atomic_write_text(run_dir / DIVERGED_NAME, json.dumps(record, indent=2) + "\n")
+
+
+def read_divergence(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the record of a diverged run."""
+    return (run_dir / DIVERGED_NAME).is_file()

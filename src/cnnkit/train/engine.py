@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,12 @@ from cnnkit.train.config import TrainConfig, effective_lr, parse_dropblock
 from cnnkit.train.describe import describe, train_section
 from cnnkit.train.device import (
     autocast,
-    cpu_has_fast_bf16,
-    resolve_channels_last,
     resolve_device,
-    resolve_precision,
+    resolve_numerics,
+    set_determinism,
     wants_cuda,
 )
-from cnnkit.train.divergence import TrainingDiverged, diverged, non_finite
+from cnnkit.train.divergence import TrainingDiverged, diverged, non_finite, record_divergence
 from cnnkit.train.optim import LRSchedule, build_optimizer
 from cnnkit.train.outputs import RunOutputs, default_run_dir
 from cnnkit.train.plan import StepPlan
@@ -95,8 +93,8 @@ class Engine:
             check_target(self.run_dir, overwrite=overwrite)  # before anything is loaded
         self.device = resolve_device(cfg.device, self.ctx.local_rank)
         self._log = log
-        self._setup_determinism()
-        self._resolve_numerics()
+        set_determinism(cfg, self.device)
+        self.precision, self.channels_last = resolve_numerics(cfg, self.device)
         task.setup(Runtime(self.device, self.ctx, self.precision, self.channels_last))
 
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
@@ -114,30 +112,6 @@ class Engine:
             self.state.load(resume, self, where=self.run_dir / CHECKPOINT_NAME)
 
     # ------------------------------------------------------------------ set-up
-
-    def _setup_determinism(self) -> None:
-        cfg = self.cfg
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        if cfg.deterministic:
-            # cuBLAS needs a fixed workspace to be deterministic.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-    def _resolve_numerics(self) -> None:
-        """The precision and memory layout for this device."""
-        self.precision = resolve_precision(self.cfg.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
-            warnings.warn(
-                "--precision bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated and slow",
-                stacklevel=4,  # the line that built the engine
-            )
-        self.channels_last = resolve_channels_last(
-            self.cfg.channels_last, self.device, self.precision
-        )
 
     def _plan_steps(self) -> None:
         self.world_batch = self.cfg.batch_size * self.ctx.world_size
@@ -280,7 +254,10 @@ class Engine:
             self._diverged(f"non-finite {split} {bad[0]} ({bad[1]}) {when}")
 
     def _diverged(self, what: str) -> None:
-        raise diverged(what, self.run_dir / CHECKPOINT_NAME, self.state.epoch)
+        error = diverged(what, self.run_dir / CHECKPOINT_NAME, self.state.epoch)
+        if self.ctx.is_main:
+            record_divergence(self.run_dir, error, self.state.epoch, self.state.global_step)
+        raise error
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:

@@ -36,10 +36,17 @@ RUN_FILES = (
     "report.md",
     "evaluation.json",
     "confusion_matrix.png",
+    "diverged.json",
 )
 TENSORBOARD_GLOB = "events.out.tfevents.*"
 # What a run's end (and `cnnkit evaluate`) writes: stale once a resumed run trains further.
-RESULT_FILES = ("metrics.json", "report.md", "evaluation.json", "confusion_matrix.png")
+RESULT_FILES = (
+    "metrics.json",
+    "report.md",
+    "evaluation.json",
+    "confusion_matrix.png",
+    "diverged.json",
+)
 
 
 def run_markers(path: Path) -> list[str]:
