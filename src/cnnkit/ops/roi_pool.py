@@ -86,8 +86,11 @@ class _RoIPoolFunction(torch.autograd.Function):
         ctx.save_for_backward(argmax)
         ctx.input_shape = input.shape
         k, ph, pw = rois.shape[0], *pooled
-        # Contiguous [K, C, ph, pw] as torchvision's (code written for it calls .view).
-        return values.view(k, ph, pw, -1).permute(0, 3, 1, 2).contiguous()
+        # Contiguous [K, C, ph, pw] as torchvision's (code written for it calls .view). A 3-D
+        # transpose copies 2.7x faster than the same permutation written in 4-D (6 vs 17 ms
+        # for 512 x 256 x 7 x 7 at 1 thread).
+        bins = values.view(k, ph * pw, -1)
+        return bins.transpose(1, 2).contiguous().view(k, -1, ph, pw)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -115,7 +118,8 @@ def _route_gradient(grad: Tensor, argmax: Tensor, shape: torch.Size) -> Tensor:
     buffer = grad.new_empty((min(step, k), ph, pw, c))
     for s in range(0, k, step):
         e = min(s + step, k)
-        chunk = buffer[: e - s].copy_(grad[s:e].permute(0, 2, 3, 1))
+        chunk = buffer[: e - s].view(e - s, ph * pw, c)
+        chunk.copy_(grad[s:e].reshape(e - s, c, ph * pw).transpose(1, 2))
         grad_flat.index_add_(0, index[s * per_roi : e * per_roi], chunk.view(-1))
     return grad_flat[: n * h * w * c].view(n, h, w, c).permute(0, 3, 1, 2)
 
