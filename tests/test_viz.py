@@ -50,8 +50,8 @@ def test_curves_one_record_and_missing_values(tmp_path):
         plot_curves([], tmp_path / "c.png")
 
 
-def _drawn(monkeypatch, records, path, **kwargs):
-    """Draw with plot_curves and return, per panel, (y label, {line label: y values})."""
+def _figure_of(monkeypatch, draw):
+    """Run ``draw`` and return the one figure it saved (the PNG is written as well)."""
     figures = []
     save = viz._save_png
 
@@ -60,10 +60,16 @@ def _drawn(monkeypatch, records, path, **kwargs):
         save(fig, out)
 
     monkeypatch.setattr(viz, "_save_png", keep)
-    plot_curves(records, path, **kwargs)
+    draw()
     monkeypatch.undo()
-    _png(path)
     (fig,) = figures
+    return fig
+
+
+def _drawn(monkeypatch, records, path, **kwargs):
+    """Draw with plot_curves and return, per panel, (y label, {line label: y values})."""
+    fig = _figure_of(monkeypatch, lambda: plot_curves(records, path, **kwargs))
+    _png(path)
     return [
         (ax.get_ylabel(), {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
         for ax in fig.axes
@@ -114,21 +120,6 @@ def test_confusion_matrix_picture(tmp_path):
         plot_confusion_matrix(matrix, ["a", "b"], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"\[K, K\]"):
         plot_confusion_matrix(torch.zeros(2, 3), ["a", "b"], tmp_path / "x.png")
-
-
-def _figure_of(monkeypatch, draw):
-    figures = []
-    save = viz._save_png
-
-    def keep(fig, out):
-        figures.append(fig)
-        save(fig, out)
-
-    monkeypatch.setattr(viz, "_save_png", keep)
-    draw()
-    monkeypatch.undo()
-    (fig,) = figures
-    return fig
 
 
 def test_voc_pr_curve_is_the_interpolated_envelope_as_steps(tmp_path, monkeypatch):
