@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
@@ -203,3 +204,17 @@ def test_decompression_bomb_in_memory_names_the_file(capsys, tmp_path):
             "--out", str(out)]  # fmt: skip
     _fails(capsys, argv, rf"cannot read image {re.escape(str(bomb))}: .*decompression bomb")
     assert not out.exists()
+
+
+def test_streamed_folder_ignores_the_padded_crop_it_does_not_use(tmp_path):
+    # Files are cropped by RandomResizedCrop: the default --crop-padding 4 must not refuse
+    # 4-pixel images, and the run records no padding.
+    _folder_with_a_corrupt_jpeg(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--data", f"folder:{tmp_path / 'data'}", "--stream", "--workers", "0",
+            "--image-size", "4", "--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]",
+            "--batch-size", "4", "--epochs", "1", "--quiet", "--threads", "1", "--skip-invalid",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["resolved"]["crop_padding"] == 0

@@ -133,6 +133,8 @@ class ClassificationTask:
             if stream:
                 self.stream = StreamedData(cfg, runtime, self.crop_padding, self.flip)
                 self.storage_note += f"; {self.stream.describe()}"
+                if self.stream.crop_fraction is not None:
+                    self.crop_padding = 0  # files get RandomResizedCrop, not a padded crop
             else:
                 self.data = load_data(cfg.data, image_size=cfg.image_size)
         if self.data is not None:
