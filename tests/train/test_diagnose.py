@@ -102,16 +102,17 @@ CONFIG = {
 }
 
 
+# The four archetypal runs and their verdicts.
+RUNS = [
+    (still_improving, "still_improving"),
+    (underfitting, "underfitting"),
+    (overfitting, "overfitting"),
+    (healthy, "healthy"),
+]
+
+
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize(
-    ("curves", "verdict"),
-    [
-        (still_improving, "still_improving"),
-        (underfitting, "underfitting"),
-        (overfitting, "overfitting"),
-        (healthy, "healthy"),
-    ],
-)
+@pytest.mark.parametrize(("curves", "verdict"), RUNS)
 def test_each_kind_of_curve_gets_its_verdict(curves, verdict, seed):
     result = diagnose(curves(seed=seed), CONFIG)
     assert result.verdict == verdict, str(result)
@@ -345,15 +346,7 @@ def test_without_a_training_metric_the_losses_and_dev_metric_decide(kind, verdic
         assert f"--epochs {best}" in " ".join(result.advice)
 
 
-@pytest.mark.parametrize(
-    ("curves", "verdict"),
-    [
-        (still_improving, "still_improving"),
-        (underfitting, "underfitting"),
-        (overfitting, "overfitting"),
-        (healthy, "healthy"),
-    ],
-)
+@pytest.mark.parametrize(("curves", "verdict"), RUNS)
 def test_an_error_rate_reads_like_the_accuracy_it_mirrors(curves, verdict):
     # The same runs recorded as error rates (1 - accuracy, lower is better).
     records = [

@@ -42,18 +42,23 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def _kill_at_first_checkpoint(run_dir: Path, victim: subprocess.Popen) -> None:
+    """SIGKILL ``victim`` as soon as ``run_dir/last.ckpt`` exists (it must still be running)."""
+    deadline = time.monotonic() + 240
+    while not (run_dir / "last.ckpt").exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+
+
 def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = _cnnkit(*ARGS, "--out", str(whole))
     victim = _cnnkit(*ARGS, "--out", str(killed))
     # Kill -9 as soon as the first epoch's checkpoint exists (mid-epoch-2, or mid-write).
-    deadline = time.monotonic() + 240
-    while not (killed / "last.ckpt").exists():
-        assert victim.poll() is None, victim.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
+    _kill_at_first_checkpoint(killed, victim)
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / "metrics.json").exists()
 
@@ -71,16 +76,6 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in ref_hist]
     metrics = json.loads(Path(killed, "metrics.json").read_text())
     assert metrics["epochs"] == 3
-
-
-def _kill_at_first_checkpoint(run_dir: Path, victim: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 240
-    while not (run_dir / "last.ckpt").exists():
-        assert victim.poll() is None, victim.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
 
 
 @pytest.mark.parametrize("storage", ["--in-memory", "--stream"])

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-EVALUATION_NAME = "evaluation.json"
-CONFUSION_NAME = "confusion_matrix.png"
 SPLITS = ("test", "dev", "train")
 
 
@@ -261,6 +259,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.atomic import atomic_write_text
     from cnnkit.evaluation.classification import accuracy, confusion_matrix, per_class_accuracy
     from cnnkit.train.checkpoint import load_model, read_config
+    from cnnkit.train.rundir import CONFUSION_NAME, EVALUATION_NAME
     from cnnkit.viz import plot_confusion_matrix
 
     run_dir = _run_dir(args.run_dir)

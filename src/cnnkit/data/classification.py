@@ -122,29 +122,36 @@ def load_data(spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE)
     Raises:
         ValueError: unknown spec, missing or malformed data (naming the path or file).
     """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(
-            f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
-        )
+    kind, path = _parse_spec(spec)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise ValueError(f"image_size={image_size!r} must be an integer >= 4")
-    kind, _, path = spec.partition(":")
-    if kind == "digits" and not path:
+    if kind == "digits":
         train, dev, test = _load_digits(seed, image_size)
-    elif kind in ("cifar10", "cifar100") and path:
-        train, dev, test = _load_cifar(Path(path).expanduser(), kind == "cifar100", seed)
-    elif kind == "folder" and path:
+    elif kind == "folder":
         train, dev, test = _load_folder(Path(path).expanduser(), seed, image_size)
     else:
-        raise ValueError(
-            f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
-        )
-    for name, split in zip(SPLITS, (train, dev, test), strict=True):
-        if len(split) == 0:
-            raise ValueError(f"--data {spec!r}: the {name} split is empty")
-    check_training_classes(spec, train.classes, train.labels)
+        train, dev, test = _load_cifar(Path(path).expanduser(), kind == "cifar100", seed)
+    _check_splits(spec, [len(train), len(dev), len(test)], train.classes, train.labels)
     mean, std = channel_stats(train.images)
     return DataSplits(train, dev, test, mean, std, spec)
+
+
+def _parse_spec(spec: str) -> tuple[str, str]:
+    """``(kind, path)`` of a ``--data`` spec (``path`` empty for digits)."""
+    kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if (kind == "digits" and not path) or (kind in ("cifar10", "cifar100", "folder") and path):
+        return kind, path
+    raise ValueError(
+        f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
+    )
+
+
+def _check_splits(spec: str, sizes: list[int], classes: list[str], train_labels: Tensor) -> None:
+    """No split empty (``sizes``: train, dev, test) and :func:`check_training_classes`."""
+    for name, size in zip(SPLITS, sizes, strict=True):
+        if size == 0:
+            raise ValueError(f"--data {spec!r}: the {name} split is empty")
+    check_training_classes(spec, classes, train_labels)
 
 
 def check_training_classes(spec: str, classes: list[str], labels: Tensor) -> None:
@@ -667,15 +674,6 @@ class StreamSplits:
         )
 
 
-def _parse_spec(spec: str) -> tuple[str, str]:
-    kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if (kind == "digits" and not path) or (kind in ("cifar10", "cifar100", "folder") and path):
-        return kind, path
-    raise ValueError(
-        f"--data {spec!r}: expected digits, cifar10:PATH, cifar100:PATH or folder:PATH"
-    )
-
-
 def _sample(n: int, k: int, seed: int) -> list[int]:
     """``min(n, k)`` distinct indices of ``range(n)``, seeded, in increasing order."""
     if n <= k:
@@ -716,27 +714,46 @@ def _sampled_stats(
     return mean, std, len(images)
 
 
-def folder_channels(root: Path, seed: int) -> tuple[dict[str, FolderSplit], list[str], int]:
-    """:func:`folder_files` and the channel count from a header sample (see
-    :func:`_sampled_channels`)."""
-    splits, classes = folder_files(root, seed)
-    return splits, classes, _sampled_channels(splits, seed)
+@dataclass(frozen=True)
+class FolderListing:
+    """An image folder listed once (:func:`list_folder`): what :func:`choose_data_storage` and
+    :func:`stream_splits` both need, so that a run lists (ImageNet: 1.28M files) only once."""
+
+    splits: dict[str, FolderSplit]
+    classes: list[str]
+    channels: int  # from a header sample (:func:`_sampled_channels`)
+
+
+def list_folder(spec: str, *, seed: int = 0) -> FolderListing | None:
+    """The :class:`FolderListing` of a ``folder:PATH`` spec (:func:`folder_files` and the
+    channel count of a header sample); ``None`` for digits and CIFAR."""
+    kind, path = _parse_spec(spec)
+    if kind != "folder":
+        return None
+    splits, classes = folder_files(Path(path).expanduser(), seed)
+    return FolderListing(splits, classes, _sampled_channels(splits, seed))
 
 
 def choose_data_storage(
-    spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, force: str = "auto"
+    spec: str,
+    *,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    force: str = "auto",
+    listing: FolderListing | None = None,
 ) -> tuple[bool, str]:
     """Stream ``spec`` or decode it into memory, and why (one line).
 
     Digits and CIFAR are always in memory under ``"auto"`` (CIFAR-10 is 180 MB decoded, and
-    batch augmentation on the device is fastest); folders are listed (no decoding) and judged
-    by :func:`cnnkit.data.streaming.choose_streaming`.
+    batch augmentation on the device is fastest); folders are listed (no decoding; ``listing``:
+    :func:`list_folder` of the same spec and seed, already done) and judged by
+    :func:`cnnkit.data.streaming.choose_streaming`.
     """
-    kind, path = _parse_spec(spec)
+    kind, _ = _parse_spec(spec)
     if kind == "folder":
-        splits, _, channels = folder_channels(Path(path).expanduser(), seed)
-        n = sum(len(splits[s][0]) for s in SPLITS)
-        return choose_streaming(n, channels, image_size, force)
+        listing = listing or list_folder(spec, seed=seed)
+        n = sum(len(files) for files, _ in listing.splits.values())
+        return choose_streaming(n, listing.channels, image_size, force)
     if force not in ("auto", "stream", "memory"):
         raise ValueError(f"force={force!r}: expected auto, stream or memory")
     if force == "auto":
@@ -745,12 +762,17 @@ def choose_data_storage(
 
 
 def stream_splits(
-    spec: str, *, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+    spec: str,
+    *,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    listing: FolderListing | None = None,
 ) -> StreamSplits:
     """The splits of ``spec`` ready for :class:`cnnkit.data.streaming.StreamDataset`.
 
     Folders: the same files, labels and order per split as :func:`load_data` (one listing,
-    :func:`folder_files`), served as files; channels from a header sample; mean/std estimated
+    :func:`folder_files`; ``listing``: :func:`list_folder` of the same spec and seed, already
+    done), served as files; channels from a header sample; mean/std estimated
     from a seeded sample of at most 500 training images decoded with the evaluation recipe
     (so they differ slightly from the in-memory loader's exact ones). Digits and CIFAR: decoded
     in memory by :func:`load_data` and served from the tensors (exact statistics).
@@ -760,17 +782,14 @@ def stream_splits(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise ValueError(f"image_size={image_size!r} must be an integer >= 4")
-    kind, path = _parse_spec(spec)
-    if kind != "folder":
+    if _parse_spec(spec)[0] != "folder":
         d = load_data(spec, seed=seed, image_size=image_size)
         sources = [TensorSource(s.images, s.labels) for s in (d.train, d.dev, d.test)]
         c, h, _ = d.input_size
         return StreamSplits(*sources, d.classes, c, h, d.mean, d.std, spec, len(d.train))
-    splits, classes, channels = folder_channels(Path(path).expanduser(), seed)
-    for name in SPLITS:
-        if len(splits[name][0]) == 0:
-            raise ValueError(f"--data {spec!r}: the {name} split is empty")
-    check_training_classes(spec, classes, splits["train"][1])
+    listing = listing or list_folder(spec, seed=seed)
+    splits, classes, channels = listing.splits, listing.classes, listing.channels
+    _check_splits(spec, [len(splits[s][0]) for s in SPLITS], classes, splits["train"][1])
     sources = {s: FileSource(*splits[s], channels) for s in SPLITS}
     mean, std, counted = _sampled_stats(sources["train"], image_size, seed)
     return StreamSplits(

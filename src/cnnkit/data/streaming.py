@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 SampleKey = tuple[int, int]  # (epoch, index into the data set)
 
@@ -513,8 +513,6 @@ class StreamCollate:
     sample_shape: tuple[int, ...]
 
     def __call__(self, samples: list[tuple[Tensor, int] | Invalid]) -> Batch:
-        from torch.utils.data import default_collate
-
         good = [s for s in samples if not isinstance(s, Invalid)]
         invalid = [f"{s.path}: {s.reason}" for s in samples if isinstance(s, Invalid)]
         if good:

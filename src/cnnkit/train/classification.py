@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.data.classification import DataSplits, ImageDataset, load_data, stratified_order
+from cnnkit.data.classification import DataSplits, ImageDataset, hold_out_index, load_data
 from cnnkit.data.streaming import ShardBatchSampler
 from cnnkit.data.transforms import BatchAugment
 from cnnkit.train.config import (
@@ -87,18 +87,8 @@ def _subset(data: DataSplits, cfg: TrainConfig) -> DataSplits:
     """``data`` with its training split cut to ``--train-subset`` images (stratified)."""
     if cfg.train_subset is None or cfg.train_subset >= len(data.train):
         return data
-    order = stratified_order(data.train.labels, cfg.seed)
-    keep = order[: cfg.train_subset].sort().values
+    keep = hold_out_index(data.train.labels, [cfg.train_subset], cfg.seed)[0]
     return dataclasses.replace(data, train=data.train.subset(keep))
-
-
-def _train_labels(stream: Any) -> Tensor:
-    """``int64 [N]``: the labels of a streamed training split (``--train-subset`` applied)."""
-    train = stream.train
-    keep = getattr(train, "keep", None)  # cnnkit.train.streamed._Keep: a subset
-    source = (train.dataset if keep is not None else train).source
-    labels = torch.as_tensor(source.labels, dtype=torch.int64)
-    return labels[torch.as_tensor(keep, dtype=torch.int64)] if keep is not None else labels
 
 
 class ClassificationTask:
@@ -129,9 +119,9 @@ class ClassificationTask:
         if self.data is None:
             from cnnkit.train.streamed import StreamedData, wants_stream
 
-            stream, self.storage_note = wants_stream(cfg)
+            stream, self.storage_note, listing = wants_stream(cfg)
             if stream:
-                self.stream = StreamedData(cfg, runtime, self.crop_padding, self.flip)
+                self.stream = StreamedData(cfg, runtime, self.crop_padding, self.flip, listing)
                 self.storage_note += f"; {self.stream.describe()}"
                 if self.stream.crop_fraction is not None:
                     self.crop_padding = 0  # files get RandomResizedCrop, not a padded crop
@@ -185,7 +175,7 @@ class ClassificationTask:
                 f"{n} images{where}"
             )
         self._check_memory(runtime)
-        labels = self.data.train.labels if self.data is not None else _train_labels(self.stream)
+        labels = self.data.train.labels if self.data is not None else self.stream.train_labels
         counts = torch.bincount(labels, minlength=len(self.classes))
         fewest = int(counts.min())
         if runtime.dist.is_main and (n < SMALL_TRAIN_IMAGES or fewest < SMALL_TRAIN_PER_CLASS):

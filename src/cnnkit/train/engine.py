@@ -52,11 +52,10 @@ from cnnkit.train.progress import EpochTotals, Progress
 from cnnkit.train.resume import TrainState
 from cnnkit.train.rng import seed_step
 from cnnkit.train.rundir import check_target, claim, continue_run
+from cnnkit.train.state import CHECKPOINT_NAME
 from cnnkit.train.task import Runtime, StepOutput, Task
 
 __all__ = ["CHECKPOINT_NAME", "Engine", "TrainingDiverged"]
-
-CHECKPOINT_NAME = "last.ckpt"
 
 
 class Engine:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.train.config import TrainConfig
+from cnnkit.train.history import JSONL_NAME
+from cnnkit.train.report import CURVES_NAME
 from cnnkit.train.task import Metric
 
 METRICS_NAME = "metrics.json"
-CURVES_NAME = "curves.png"
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -70,7 +71,7 @@ class RunOutputs:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if epochs_done == 0 and not (self.run_dir / "history.jsonl").is_file():
+        if epochs_done == 0 and not (self.run_dir / JSONL_NAME).is_file():
             self.history = History(self.run_dir)
             save_model_files()  # config.json (with the train section) from the start
         else:

@@ -28,8 +28,6 @@ class EpochTotals:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.sums: dict[str, Tensor] = {}
-        self.loss_names: list[str] = []
-        self.figure_names: list[str] = []
         self.steps = 0
         self.seconds = 0.0
         self.compute = 0.0
@@ -56,9 +54,6 @@ class EpochTotals:
                     self._add(f"loss_{name}", value.detach().double() * n)
             for name, value in out.sums.items():
                 self._add(name, value.detach().double())
-        if not self.loss_names:
-            self.loss_names = list(logged) if len(logged) > 1 else []
-            self.figure_names = list(out.sums)
         self._add("count", float(n))
         self.steps += 1
 
@@ -105,8 +100,6 @@ class EpochTotals:
     def to_dict(self) -> dict[str, Any]:
         return {
             "sums": {k: float(v) for k, v in self.sums.items()},
-            "loss_names": self.loss_names,
-            "figure_names": self.figure_names,
             "steps": self.steps,
             "seconds": self.seconds,
             "compute": self.compute,
@@ -119,8 +112,6 @@ class EpochTotals:
             str(k): torch.tensor(float(v), dtype=torch.float64, device=device)
             for k, v in values["sums"].items()
         }
-        totals.loss_names = [str(n) for n in values["loss_names"]]
-        totals.figure_names = [str(n) for n in values["figure_names"]]
         totals.steps = int(values["steps"])
         totals.seconds = float(values["seconds"])
         totals.compute = float(values["compute"])

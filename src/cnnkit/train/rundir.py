@@ -19,34 +19,29 @@ import json
 import os
 from pathlib import Path
 
+from cnnkit.train.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from cnnkit.train.divergence import DIVERGED_NAME
+from cnnkit.train.history import CSV_NAME, JSONL_NAME
+from cnnkit.train.outputs import METRICS_NAME
+from cnnkit.train.report import CURVES_NAME, REPORT_NAME
+from cnnkit.train.state import CHECKPOINT_NAME
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; a second writer is not detected there
     fcntl = None
 
 LOCK_NAME = ".lock"
+# What `cnnkit evaluate` writes into a run directory.
+EVALUATION_NAME = "evaluation.json"
+CONFUSION_NAME = "confusion_matrix.png"
 # Any of these makes a directory a run directory (a finished or an interrupted run).
-RUN_MARKERS = ("config.json", "history.jsonl", "last.ckpt", "metrics.json")
-# Every file a run (and `cnnkit evaluate` on it) writes; --overwrite removes these only.
-RUN_FILES = (
-    *RUN_MARKERS,
-    "model.safetensors",
-    "history.csv",
-    "curves.png",
-    "report.md",
-    "evaluation.json",
-    "confusion_matrix.png",
-    "diverged.json",
-)
-TENSORBOARD_GLOB = "events.out.tfevents.*"
+RUN_MARKERS = (CONFIG_NAME, JSONL_NAME, CHECKPOINT_NAME, METRICS_NAME)
 # What a run's end (and `cnnkit evaluate`) writes: stale once a resumed run trains further.
-RESULT_FILES = (
-    "metrics.json",
-    "report.md",
-    "evaluation.json",
-    "confusion_matrix.png",
-    "diverged.json",
-)
+RESULT_FILES = (METRICS_NAME, REPORT_NAME, EVALUATION_NAME, CONFUSION_NAME, DIVERGED_NAME)
+# Every file a run (and `cnnkit evaluate` on it) writes; --overwrite removes these only.
+RUN_FILES = tuple(dict.fromkeys((*RUN_MARKERS, WEIGHTS_NAME, CSV_NAME, CURVES_NAME, *RESULT_FILES)))
+TENSORBOARD_GLOB = "events.out.tfevents.*"
 
 
 def run_markers(path: Path) -> list[str]:

@@ -18,6 +18,8 @@ import torch
 
 from cnnkit.atomic import _atomic_replace
 
+CHECKPOINT_NAME = "last.ckpt"
+
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write the resume state ``state`` (tensors, numbers, strings, lists, dicts) atomically.

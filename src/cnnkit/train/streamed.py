@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cnnkit.data.classification import choose_data_storage, stratified_order, stream_splits
+from cnnkit.data.classification import (
+    FolderListing,
+    choose_data_storage,
+    hold_out_index,
+    list_folder,
+    stream_splits,
+)
 from cnnkit.data.streaming import (
     EVAL_CROP_FRACTION,
     Batch,
@@ -29,10 +35,15 @@ from cnnkit.train.config import TrainConfig
 from cnnkit.train.task import Runtime
 
 
-def wants_stream(cfg: TrainConfig) -> tuple[bool, str]:
-    """Whether ``cfg.data`` streams (``--stream`` / ``--in-memory`` / by its decoded size), and
-    the one-line reason the run prints."""
-    return choose_data_storage(cfg.data, image_size=cfg.image_size, force=cfg.storage)
+def wants_stream(cfg: TrainConfig) -> tuple[bool, str, FolderListing | None]:
+    """Whether ``cfg.data`` streams (``--stream`` / ``--in-memory`` / by its decoded size), the
+    one-line reason the run prints, and the folder's listing for :class:`StreamedData` (a
+    folder is listed once; ``None`` for digits and CIFAR)."""
+    listing = list_folder(cfg.data)
+    stream, why = choose_data_storage(
+        cfg.data, image_size=cfg.image_size, force=cfg.storage, listing=listing
+    )
+    return stream, why, listing
 
 
 class _Keep(Dataset):
@@ -58,21 +69,31 @@ class StreamedData:
         runtime: the device (pinned host memory on CUDA) and the process group.
         crop_padding, flip: the training augmentation of in-memory sources (digits, CIFAR);
             files get the ImageNet recipe (:mod:`cnnkit.data.streaming`).
+        listing: the folder's listing from :func:`wants_stream` (else listed here).
     """
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, crop_padding: int, flip: bool) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        crop_padding: int,
+        flip: bool,
+        listing: FolderListing | None = None,
+    ) -> None:
         self.cfg, self.runtime = cfg, runtime
-        splits = stream_splits(cfg.data, image_size=cfg.image_size)
+        splits = stream_splits(cfg.data, image_size=cfg.image_size, listing=listing)
         self.classes, self.input_size = splits.classes, splits.input_size
         self.mean, self.std = splits.mean, splits.std
         # Files are evaluated resized and centre-cropped; in-memory tensors as they are.
         self.crop_fraction = EVAL_CROP_FRACTION if isinstance(splits.train, FileSource) else None
         recipe = {"flip": flip, "crop_padding": crop_padding}
         train = splits.dataset("train", train=True, seed=cfg.seed, **recipe)
+        # int64 [N]: the training labels, --train-subset applied (the task counts classes).
+        self.train_labels = torch.as_tensor(splits.train.labels, dtype=torch.int64)
         if cfg.train_subset is not None and cfg.train_subset < len(train):
-            labels = torch.as_tensor(splits.train.labels)
-            keep = stratified_order(labels, cfg.seed)[: cfg.train_subset].sort().values
+            keep = hold_out_index(self.train_labels, [cfg.train_subset], cfg.seed)[0]
             train = _Keep(train, keep.tolist())
+            self.train_labels = self.train_labels[keep]
         self.train = train
         self.eval = {s: splits.dataset(s, train=False, seed=cfg.seed) for s in ("dev", "test")}
         self.sizes = {"train": len(train), **{s: len(d) for s, d in self.eval.items()}}
@@ -101,7 +122,11 @@ class StreamedData:
         return images, batch.labels.to(device, non_blocking=self.pin)
 
     def train_loader(self, sampler: ShardBatchSampler) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's training batches (uint8 images, labels) on the device, in order."""
+        """This rank's training batches (uint8 images, labels) on the device, in order.
+
+        The loader is built on the first call around ``sampler`` and kept (its workers persist
+        across epochs); the engine passes its one sampler every epoch, re-aimed by ``set_epoch``.
+        """
         if self._train_loader is None:
             # Persistent workers: the sampler is read at each epoch's iter(), after set_epoch.
             self._train_loader = stream_loader(
