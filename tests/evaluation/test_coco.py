@@ -699,3 +699,14 @@ def test_per_class_ap_without_an_all_label_uses_the_widest_range():
     )
     assert ours.per_class_area == "any"
     assert ours.per_class == coco_evaluate(gt, dt, "bbox").per_class
+
+
+def test_a_bad_area_is_named_by_its_entry_when_others_lack_one(tmp_path):
+    gt, dt = make_case(5, "bbox", n_img=4)
+    del gt["annotations"][0]["area"]
+    gt["annotations"][1]["area"] = "x"
+    ann_id = gt["annotations"][1]["id"]
+    with pytest.raises(
+        ValueError, match=rf"annotations\[1\]\.area: not a number: 'x' \(id {ann_id}\)"
+    ):
+        coco_evaluate(_gt_file(tmp_path, gt), dt, "bbox")

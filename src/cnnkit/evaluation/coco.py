@@ -265,12 +265,8 @@ def _mask_ious(gt: GroundTruth, dt: Detections, gr: _Groups, progress: bool) -> 
     g_owner, g_local, _ = ragged_ranges(gr.n_gt)
     d_rows = gr.dt_rows[gr.det_start[d_owner] + d_local]
     g_rows = gr.gt_rows[gr.gt_start[g_owner] + g_local]
-    d_rles = coco_masks.to_rles(
-        [dt.segmentation[i] for i in d_rows], *_hw(gt, dt.img[d_rows]), "results", d_rows
-    )
-    g_rles = coco_masks.to_rles(
-        [gt.segmentation[i] for i in g_rows], *_hw(gt, gt.ann_img[g_rows]), "annotations", g_rows
-    )
+    d_rles = coco_masks.to_rles([dt.segmentation[i] for i in d_rows], *_hw(gt, dt.img[d_rows]))
+    g_rles = coco_masks.to_rles([gt.segmentation[i] for i in g_rows], *_hw(gt, gt.ann_img[g_rows]))
     crowd = gt.iscrowd[g_rows]
     # Groups are sorted by image, so each image's groups, detections and gts are contiguous.
     img_of_group = gr.both // gr.num_k

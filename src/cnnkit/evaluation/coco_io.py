@@ -20,11 +20,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
 from cnnkit.evaluation import coco_masks
+from cnnkit.evaluation.coco_masks import JSON_NUMBER_TYPES, is_int, is_number
 
 
 @dataclass
@@ -111,25 +113,25 @@ def _note(records: Sequence[Any], i: int) -> str:
     return ""
 
 
-def _names(records: Sequence[Any], where: str) -> list[str]:
-    """``where[i]`` (with `` (id X)`` where the entry has an id) of every record."""
-    return [f"{where}[{i}]{_note(records, i)}" for i in range(len(records))]
-
-
-# JSON numbers are int or float; bool is an int subclass, but ``true`` is not a number here.
-_FAST_NUMBER = {int, float}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
-        v, (bool, np.bool_)
-    )
+def _entry(records: Sequence[Any], where: str):
+    """``i -> "where[i]"`` (with `` (id X)`` where the entry has an id), for error messages."""
+    return lambda i: f"{where}[{i}]{_note(records, i)}"
 
 
 def _is_row(v: Any, width: int) -> bool:
     if isinstance(v, np.ndarray):
         return v.shape == (width,) and v.dtype.kind in "iuf"
-    return isinstance(v, (list, tuple)) and len(v) == width and all(_is_number(x) for x in v)
+    return isinstance(v, (list, tuple)) and len(v) == width and all(map(is_number, v))
+
+
+def _plain_rows(values: list[Any], width: int) -> bool:
+    """Whether every value is a list of ``width`` plain ints and floats (checked at C speed: the
+    common case of a JSON file, before the per-row check that also takes tuples and arrays)."""
+    return (
+        set(map(type, values)) == {list}
+        and set(map(len, values)) == {width}
+        and set(map(type, chain.from_iterable(values))) <= JSON_NUMBER_TYPES
+    )
 
 
 def _numbers(
@@ -146,9 +148,9 @@ def _numbers(
         return np.zeros((0,) if width is None else (0, width))
     recs = values if records is None else records
     if width is None:
-        ok = all(type(v) in _FAST_NUMBER for v in values) or all(_is_number(v) for v in values)
+        ok = set(map(type, values)) <= JSON_NUMBER_TYPES or all(map(is_number, values))
     else:
-        ok = all(_is_row(v, width) for v in values)
+        ok = _plain_rows(values, width) or all(_is_row(v, width) for v in values)
     arr = None
     if ok:
         try:
@@ -158,7 +160,7 @@ def _numbers(
     if arr is None:
         for i, v in enumerate(values):
             row = [v] if width is None else v
-            if width is None and not _is_number(v):
+            if width is None and not is_number(v):
                 raise ValueError(f"{where}[{i}].{field}: not a number: {_short(v)}{_note(recs, i)}")
             if width is not None and not _is_row(v, width):
                 raise ValueError(
@@ -188,7 +190,7 @@ def _integers(
 ) -> np.ndarray:
     """int64 array [N] of integers in [lo, hi] (an integral float such as 3.0 counts)."""
     for i, v in enumerate(values):
-        integral = _is_number(v) and (
+        integral = is_number(v) and (
             isinstance(v, (int, np.integer)) or (math.isfinite(v) and float(v).is_integer())
         )
         if not (integral and lo <= v <= hi):
@@ -211,9 +213,10 @@ def _id_array(
     recs = values if records is None else records
     if not values:
         return np.zeros(0, dtype=np.int64)
-    if all(type(v) is str for v in values):
+    kinds = set(map(type, values))
+    if kinds == {str}:
         return np.asarray(values, dtype=str)
-    if all(type(v) is int for v in values):
+    if kinds == {int}:
         arr = np.asarray(values)
         if arr.dtype.kind == "i":  # else some id is beyond int64 (uint64 or object array)
             return arr.astype(np.int64)
@@ -221,7 +224,7 @@ def _id_array(
     for i, v in enumerate(values):
         if isinstance(v, str):
             kind = "string"
-        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        elif is_int(v):
             if not -_ID_MAX - 1 <= v <= _ID_MAX:
                 raise ValueError(
                     f"{where}[{i}].{field}={_short(v)}: out of range; integer ids must lie "
@@ -321,8 +324,9 @@ def _flags(records: Sequence[Any], key: str, where: str) -> np.ndarray:
     an error: pycocotools would take it as set for one purpose and unset for the other.
     """
     values = _column(records, key, where, default=0)
-    for i, v in enumerate(values):
-        if not (v is True or v is False or (_is_number(v) and v in (0, 1))):
+    plain = set(map(type, values)) <= {int, bool} and set(values) <= {0, 1}  # C speed
+    for i, v in enumerate([] if plain else values):
+        if not (v is True or v is False or (is_number(v) and v in (0, 1))):
             raise ValueError(
                 f"{where}[{i}].{key}: expected 0, 1, true or false, got {_short(v)}"
                 f"{_note(records, i)}"
@@ -406,7 +410,7 @@ def read_ground_truth(
     if iou_type == "segm":
         out.segmentation = _column(anns, "segmentation", where_a)
         coco_masks.check_all(
-            out.segmentation, heights[ann_img], widths[ann_img], _names(anns, where_a)
+            out.segmentation, heights[ann_img], widths[ann_img], _entry(anns, where_a)
         )
     if iou_type == "keypoints":
         out.keypoints = _keypoint_rows(_column(anns, "keypoints", where_a), where_a, anns)
@@ -419,26 +423,20 @@ def read_ground_truth(
         out.num_keypoints[given] = nk_given
     areas = _column(anns, "area", where_a, default=None)
     missing = [i for i, a in enumerate(areas) if a is None]
-    present = [i for i, a in enumerate(areas) if a is not None]
-    # Check the given areas first, so that a wrong one is named as given.
-    _numbers([areas[i] for i in present], where_a, "area", records=[anns[i] for i in present])
+    # The given areas are checked as given (a missing one reads 0 here, then is filled in).
+    given = [0 if a is None else a for a in areas] if missing else areas
+    out.area = _numbers(given, where_a, "area", records=anns, nonnegative=True)
     if missing:
         # pycocotools requires "area"; we fall back to the box (or mask) area.
         idx = np.asarray(missing)
         if iou_type == "segm":
-            rles = coco_masks.to_rles(
-                [out.segmentation[i] for i in missing],
-                heights[ann_img[idx]],
-                widths[ann_img[idx]],
-                where_a,
-                idx,
+            segms = [out.segmentation[i] for i in missing]
+            fill = coco_masks.areas(
+                coco_masks.to_rles(segms, heights[ann_img[idx]], widths[ann_img[idx]])
             )
-            fill = coco_masks.areas(rles)
         else:
             fill = bbox[idx, 2] * bbox[idx, 3]
-        for i, f in zip(missing, fill.tolist(), strict=True):
-            areas[i] = f
-    out.area = _numbers(areas, where_a, "area", records=anns, nonnegative=True)
+        out.area[idx] = fill
     return out
 
 
@@ -614,7 +612,7 @@ def read_detections(
         out.bbox = _boxes(dt, where)
     if iou_type == "segm" or (not has_box and "segmentation" in first):
         out.segmentation = _column(dt, "segmentation", where)
-        coco_masks.check_all(out.segmentation, gt.heights[img], gt.widths[img], _names(dt, where))
+        coco_masks.check_all(out.segmentation, gt.heights[img], gt.widths[img], _entry(dt, where))
     if iou_type == "keypoints" or (not has_box and "segmentation" not in first):
         out.keypoints = _keypoint_rows(_column(dt, "keypoints", where), where, dt)
         gk = gt.keypoints
@@ -627,9 +625,7 @@ def read_detections(
     if has_box:
         out.area = out.bbox[:, 2] * out.bbox[:, 3]
     elif "segmentation" in first:
-        rles = coco_masks.to_rles(
-            out.segmentation, gt.heights[img], gt.widths[img], where, np.arange(n)
-        )
+        rles = coco_masks.to_rles(out.segmentation, gt.heights[img], gt.widths[img])
         out.segmentation = rles
         out.area = coco_masks.areas(rles)
     elif "keypoints" in first:

@@ -8,21 +8,37 @@ image are rasterized in one ``frPyObjects`` call instead of one call per annotat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+# JSON numbers are int or float; bool is an int subclass, but ``true`` is not a number here.
+JSON_NUMBER_TYPES = frozenset({int, float})
 
-def _is_int(v: Any) -> bool:
+
+def is_int(v: Any) -> bool:
+    """An integer (Python or numpy), not a boolean."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A number (Python or numpy int or float), not a boolean."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
         v, (bool, np.bool_)
     )
+
+
+def _finite_numbers(values: list[Any]) -> bool:
+    """Whether every value is a finite number; plain ints and floats take a C-speed path."""
+    if set(map(type, values)) <= JSON_NUMBER_TYPES:
+        try:
+            return all(map(math.isfinite, values))
+        except OverflowError:  # an int beyond float's range: decided below, as for any type
+            pass
+    return all(is_number(v) and np.isfinite(v) for v in values)
 
 
 def _check_rle(segm: dict[str, Any], h: int, w: int, where: str) -> None:
@@ -31,12 +47,12 @@ def _check_rle(segm: dict[str, Any], h: int, w: int, where: str) -> None:
     size, counts = segm.get("size"), segm.get("counts")
     if counts is None or size is None:
         raise ValueError(f"{where}.segmentation: an RLE needs 'counts' and 'size'")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_int, size))):
         raise ValueError(f"{where}.segmentation: RLE size must be [height, width], got {size!r}")
     if [int(v) for v in size] != [h, w]:
         raise ValueError(f"{where}.segmentation: RLE size {list(size)} differs from image {[h, w]}")
     if isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts):
+        if not all(is_int(c) and c >= 0 for c in counts):
             raise ValueError(
                 f"{where}.segmentation: RLE counts must be non-negative integers (or a "
                 f"compressed string)"
@@ -64,8 +80,8 @@ def _check_polygons(segm: list[Any], where: str) -> None:
                 f"{where}.segmentation[{j}]: a polygon is a list of x, y pairs (an even count "
                 f"of numbers)"
             )
-        if not all(_is_number(v) and np.isfinite(v) for v in part):
-            bad = next(v for v in part if not (_is_number(v) and np.isfinite(v)))
+        if not _finite_numbers(part):
+            bad = next(v for v in part if not (is_number(v) and np.isfinite(v)))
             raise ValueError(f"{where}.segmentation[{j}]: not a finite number: {bad!r}")
 
 
@@ -83,29 +99,24 @@ def check(segm: Any, h: int, w: int, name: str) -> None:
 
 
 def check_all(
-    segms: Sequence[Any], heights: np.ndarray, widths: np.ndarray, names: Sequence[str]
+    segms: Sequence[Any], heights: np.ndarray, widths: np.ndarray, name: Callable[[int], str]
 ) -> None:
-    """``check`` every segmentation [N] (image sizes ``heights`` / ``widths`` [N])."""
-    for segm, h, w, name in zip(segms, heights.tolist(), widths.tolist(), names, strict=True):
-        check(segm, int(h), int(w), name)
+    """``check`` every segmentation [N] (image sizes ``heights`` / ``widths`` [N]); an error
+    names entry ``i`` as ``name(i)``, built only then."""
+    for i, (segm, h, w) in enumerate(zip(segms, heights.tolist(), widths.tolist(), strict=True)):
+        try:
+            check(segm, int(h), int(w), "")  # every message starts with ".segmentation"
+        except ValueError as err:
+            raise ValueError(f"{name(i)}{err}") from None
 
 
-def to_rles(
-    segms: Sequence[Any],
-    heights: np.ndarray,
-    widths: np.ndarray,
-    where: str,
-    indices: np.ndarray,
-) -> list[dict[str, Any]]:
-    """Compressed RLE dicts [N] of ``segms`` (image sizes ``heights``/``widths`` [N]).
-
-    ``where``/``indices`` name the entries in error messages (``where[indices[i]]``).
-    """
+def to_rles(segms: Sequence[Any], heights: np.ndarray, widths: np.ndarray) -> list[dict[str, Any]]:
+    """Compressed RLE dicts [N] of ``segms`` (image sizes ``heights``/``widths`` [N]), which
+    ``check_all`` has passed (``coco_io`` checks every segmentation as it reads it)."""
     out: list[Any] = [None] * len(segms)
     polys_by_size: dict[tuple[int, int], list[int]] = {}
     for i, segm in enumerate(segms):
         h, w = int(heights[i]), int(widths[i])
-        check(segm, h, w, f"{where}[{int(indices[i])}]")
         if isinstance(segm, dict):
             if isinstance(segm["counts"], list):
                 out[i] = mask_utils.frPyObjects(segm, h, w)  # uncompressed RLE
