@@ -68,3 +68,14 @@ def test_counts_skip_initialization_but_not_shapes(capsys):
     assert run(parse(["models", "--family", "pyramidnet"])) == 0
     rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["pyramidnet110_a48"] == f"{count_parameters(create_model('pyramidnet110_a48')):,}"
+
+
+def test_task_detection_lists_the_detectors_only(capsys):
+    from cnnkit.models.registry import list_models
+
+    assert run(parse(["models", "--task", "detection"])) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "faster_rcnn_r50_fpn" in listed and "fast_rcnn_r50_c4" in listed
+    assert "resnet50" not in listed
+    detectors = {n for n in list_models() if "rcnn" in n}
+    assert listed == detectors

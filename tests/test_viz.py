@@ -231,3 +231,125 @@ def test_an_early_loss_spike_gets_a_log_axis(tmp_path, monkeypatch):
 def test_losses_within_a_decade_and_a_half_stay_linear(tmp_path, monkeypatch):
     ax = _loss_axis(monkeypatch, tmp_path, [2.0, 1.2, 0.9, 0.7, 0.6, 0.5])  # 1.0 .. 0.167
     assert ax.get_yscale() == "linear"
+
+
+# --------------------------------------------------------------------------- detections on images
+
+
+def _scene(h=128, w=128):
+    rng = np.random.default_rng(0)
+    return rng.integers(90, 160, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_detections_drawn_boxes_names_scores_and_class_colours(tmp_path, monkeypatch):
+    boxes = np.array([[10.0, 20.0, 40.0, 60.0], [70.0, 0.0, 120.0, 30.0], [5, 80, 30, 120]])
+    fig = _figure_of(
+        monkeypatch,
+        lambda: viz.draw_detections(
+            _scene(), boxes, ["7", "3", "7"], np.array([0.91, 0.5, 0.25]), tmp_path / "d.png"
+        ),
+    )
+    ax = fig.axes[0]
+    rects = [p for p in ax.patches if not p.get_fill()]
+    assert [(r.get_x(), r.get_y(), r.get_width(), r.get_height()) for r in rects] == [
+        (10, 20, 30, 40),
+        (70, 0, 50, 30),
+        (5, 80, 25, 40),
+    ]
+    colours = [r.get_edgecolor() for r in rects]
+    assert colours[0] == colours[2] != colours[1]  # one colour per class
+    assert [t.get_text() for t in ax.texts] == ["7 0.91", "3 0.50", "7 0.25"]
+    assert ax.texts[0].get_va() == "bottom" and ax.texts[1].get_va() == "top"  # at the top edge
+    pixels = _png(tmp_path / "d.png")
+    assert min(pixels.shape) >= 4 * 128  # enlarged: labels stay readable
+    with Image.open(tmp_path / "d.png") as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    for colour in {colours[0][:3], colours[1][:3]}:  # each box colour is on the picture
+        target = np.round(np.asarray(colour) * 255).astype(np.int16)
+        assert (np.abs(rgb - target).max(axis=2) <= 3).sum() > 200
+
+
+def test_detections_ground_truth_without_scores_and_nothing_to_draw(tmp_path, monkeypatch):
+    fig = _figure_of(
+        monkeypatch,
+        lambda: viz.draw_detections(
+            _scene(64, 96), [[1, 2, 30, 40]], ["cat"], None, tmp_path / "gt.png"
+        ),
+    )
+    assert [t.get_text() for t in fig.axes[0].texts] == ["cat"]
+    with Image.open(tmp_path / "gt.png") as image:
+        assert image.size[0] > 1.3 * image.size[1]  # the image's aspect is kept
+    viz.draw_detections(_scene(), np.zeros((0, 4)), [], np.zeros(0), tmp_path / "none.png")
+    _png(tmp_path / "none.png")
+
+
+def test_detections_colours_follow_the_class_list(tmp_path, monkeypatch):
+    classes = [str(d) for d in range(10)]
+
+    def colour_of(label):
+        fig = _figure_of(
+            monkeypatch,
+            lambda: viz.draw_detections(
+                _scene(), [[0, 0, 9, 9]], [label], None, tmp_path / "c.png", classes=classes
+            ),
+        )
+        return fig.axes[0].patches[0].get_edgecolor()
+
+    assert colour_of("3") != colour_of("4")  # distinct classes, distinct colours
+    with pytest.raises(ValueError, match="not in classes"):
+        viz.draw_detections(
+            _scene(), [[0, 0, 9, 9]], ["x"], None, tmp_path / "c.png", classes=classes
+        )
+
+
+def test_detections_bad_input_named(tmp_path):
+    path = tmp_path / "x.png"
+    with pytest.raises(ValueError, match="2 labels for 1 boxes"):
+        viz.draw_detections(_scene(), [[0, 0, 5, 5]], ["a", "b"], None, path)
+    with pytest.raises(ValueError, match="3 scores for 1 boxes"):
+        viz.draw_detections(_scene(), [[0, 0, 5, 5]], ["a"], [0.1, 0.2, 0.3], path)
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
+        viz.draw_detections(_scene().astype(np.float32), [[0, 0, 5, 5]], ["a"], None, path)
+    assert not path.exists()
+
+
+def test_instances_with_masks_and_keypoints(tmp_path, monkeypatch):
+    mask = np.zeros((2, 32, 32), dtype=np.uint8)
+    mask[0, 4:12, 5:9] = 1
+    mask[1, 20:30, 20:28] = 1
+    keypoints = np.array(
+        [
+            [[7, 4, 2], [7, 12, 2], [5, 8, 2], [9, 8, 0]],
+            [[24, 20, 2], [24, 30, 2], [20, 25, 2], [28, 25, 2]],
+        ],
+        dtype=np.float32,
+    )
+    fig = _figure_of(
+        monkeypatch,
+        lambda: viz.draw_instances(
+            _scene(32, 32),
+            [[5, 4, 9, 12], [20, 20, 28, 30]],
+            ["1", "2"],
+            tmp_path / "i.png",
+            masks=mask,
+            keypoints=keypoints,
+            skeleton=[[1, 3], [3, 2], [2, 4], [4, 1]],
+        ),
+    )
+    ax = fig.axes[0]
+    overlay = ax.get_images()[1].get_array()
+    assert overlay.shape == (32, 32, 4)
+    assert (overlay[..., 3] > 0).sum() == mask.sum()  # exactly the mask pixels are tinted
+    # Skeleton lines between visible points only: 2 for the first (point 4 hidden), 4 then.
+    assert len(ax.get_lines()) == 6
+    points = [c.get_offsets() for c in ax.collections]
+    assert [len(p) for p in points] == [3, 4]
+    with pytest.raises(ValueError, match="skeleton pair"):
+        viz.draw_instances(
+            _scene(32, 32),
+            [[5, 4, 9, 12]],
+            ["1"],
+            tmp_path / "j.png",
+            keypoints=keypoints[:1],
+            skeleton=[[1, 5]],
+        )

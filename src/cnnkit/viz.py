@@ -266,3 +266,191 @@ def plot_pr_curves(
     ax.legend(fontsize=7 if n > 8 else 9, ncol=2 if n > 12 else 1)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- detections on images
+
+# Detections drawn on an image: the picture is enlarged to this many pixels on its longer
+# side at least (a 128 px scene 5x), so that class names and scores in a readable font fit
+# beside small boxes; larger images keep their own size.
+DETECTION_MIN_SIDE = 640
+_DETECTION_DPI = 110  # _save_png's resolution: figure inches x this = PNG pixels
+_MASK_OPACITY = 0.45
+
+
+def draw_detections(
+    image,
+    boxes,
+    labels: list[str],
+    scores,
+    path,
+    *,
+    classes: list[str] | None = None,
+) -> None:
+    """Boxes with their class names and scores drawn on an image, as a PNG.
+
+    Args:
+        image: ``uint8 [H, W, 3]`` RGB (``[H, W]`` grey is accepted).
+        boxes: ``[N, 4]`` ``(x1, y1, x2, y2)`` in pixels of ``image`` (pixel ``i`` spans
+            ``[i, i + 1]``).
+        labels: ``N`` class names.
+        scores: ``[N]`` or None (names only: ground truth).
+        path: the PNG to write.
+        classes: every class name, to give each class the same colour in every picture
+            (default: the classes of this picture, sorted).
+
+    Small images are enlarged (:data:`DETECTION_MIN_SIDE`); each class has its own colour,
+    and a label sits on a box of its colour above the box (inside it at the image's top).
+    """
+    draw_instances(image, boxes, labels, path, scores=scores, classes=classes)
+
+
+def draw_instances(
+    image,
+    boxes,
+    labels: list[str],
+    path,
+    *,
+    scores=None,
+    masks=None,
+    keypoints=None,
+    skeleton: list[list[int]] | None = None,
+    classes: list[str] | None = None,
+) -> None:
+    """As :func:`draw_detections`, with instance masks and keypoints where given.
+
+    Args:
+        masks: ``[N, H, W]`` (binary, or probabilities: drawn where > 0.5), overlaid in each
+            instance's class colour.
+        keypoints: ``[N, K, 3]`` ``(x, y, visibility)`` in pixels (continuous coordinates,
+            as the boxes); points with visibility 0 are not drawn.
+        skeleton: 1-based keypoint pairs joined by lines (COCO's ``skeleton``).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    pixels = _rgb_image(image)
+    h, w = pixels.shape[:2]
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else None
+    n = 0 if box_array is None else box_array.shape[0]
+    names = [str(label) for label in labels]
+    if len(names) != n:
+        raise ValueError(f"draw_detections: {len(names)} labels for {n} boxes")
+    score_array = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    if score_array is not None and score_array.size != n:
+        raise ValueError(f"draw_detections: {score_array.size} scores for {n} boxes")
+    colour_of = _class_colours(names if classes is None else [str(c) for c in classes])
+    unknown = sorted(set(names) - set(colour_of))
+    if unknown:
+        raise ValueError(f"draw_detections: labels {unknown} are not in classes")
+
+    scale = max(1.0, DETECTION_MIN_SIDE / max(h, w))
+    fig = plt.figure(figsize=(w * scale / _DETECTION_DPI, h * scale / _DETECTION_DPI))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(pixels, extent=(0, w, h, 0), interpolation="nearest")
+    if masks is not None:
+        ax.imshow(_mask_overlay(masks, names, colour_of, (h, w)), extent=(0, w, h, 0))
+    for i in range(n):
+        x1, y1, x2, y2 = box_array[i]
+        colour = colour_of[names[i]]
+        ax.add_patch(
+            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2)
+        )
+        text = names[i] if score_array is None else f"{names[i]} {score_array[i]:.2f}"
+        # Above the box; inside it where the image's top edge leaves no room (~5% of it).
+        inside = y1 < 0.05 * h
+        ax.text(
+            x1,
+            y1,
+            text,
+            fontsize=9,
+            va="top" if inside else "bottom",
+            ha="left",
+            color="black" if _luminance(colour) > 0.55 else "white",
+            bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.0, "alpha": 0.85},
+            clip_on=True,
+        )
+    if keypoints is not None:
+        _draw_keypoints(ax, keypoints, skeleton, names, colour_of, n)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    _save_png(fig, path)
+
+
+def _rgb_image(image):
+    import numpy as np
+
+    pixels = np.asarray(image)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(
+            f"draw_detections: image must be uint8 [H, W, 3], got {pixels.dtype} "
+            f"{list(pixels.shape)}"
+        )
+    return pixels
+
+
+def _class_colours(classes: list[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour per class name: tab10 (tab20 beyond 10 classes), cycled, in sorted order."""
+    import matplotlib.pyplot as plt
+
+    unique = sorted(set(classes))
+    palette = plt.get_cmap("tab10" if len(unique) <= 10 else "tab20").colors
+    return {name: tuple(palette[i % len(palette)]) for i, name in enumerate(unique)}
+
+
+def _luminance(colour) -> float:
+    r, g, b = colour[:3]
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _mask_overlay(masks, names, colour_of, shape):
+    """``float [H, W, 4]`` RGBA: each mask's pixels (> 0.5) in its class colour."""
+    import numpy as np
+
+    m = np.asarray(masks, dtype=np.float32)
+    if m.ndim == 4 and m.shape[1] == 1:  # a model's [N, 1, H, W] probabilities
+        m = m[:, 0]
+    if m.shape != (len(names), *shape):
+        raise ValueError(
+            f"draw_detections: masks must be [{len(names)}, {shape[0]}, {shape[1]}], "
+            f"got {list(m.shape)}"
+        )
+    overlay = np.zeros((*shape, 4), dtype=np.float32)
+    for mask, name in zip(m, names, strict=True):
+        overlay[mask > 0.5] = (*colour_of[name], _MASK_OPACITY)
+    return overlay
+
+
+def _draw_keypoints(ax, keypoints, skeleton, names, colour_of, n) -> None:
+    import numpy as np
+
+    points = np.asarray(keypoints, dtype=np.float64)
+    if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 3:
+        raise ValueError(
+            f"draw_detections: keypoints must be [{n}, K, 3], got {list(points.shape)}"
+        )
+    k = points.shape[1]
+    for pair in skeleton or []:
+        if len(pair) != 2 or not all(1 <= int(p) <= k for p in pair):
+            raise ValueError(f"draw_detections: skeleton pair {pair} is not two of 1..{k}")
+    for i in range(n):
+        colour = colour_of[names[i]]
+        visible = points[i, :, 2] > 0
+        for a, b in skeleton or []:
+            if visible[a - 1] and visible[b - 1]:
+                ax.plot(*points[i, [a - 1, b - 1], :2].T, color=colour, linewidth=1.5)
+        ax.scatter(
+            points[i, visible, 0],
+            points[i, visible, 1],
+            s=18,
+            color=colour,
+            edgecolors="white",
+            linewidths=0.8,
+            zorder=3,
+        )

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.layers.norm import NORMS, make_norm
+from cnnkit.layers.norm import NORMS, FrozenBatchNorm2d, make_norm
 
 
 @pytest.fixture
@@ -66,7 +66,8 @@ def test_every_norm_has_per_channel_affine_or_none():
     for name in NORMS:
         norm = make_norm(name, 64)
         n_params = sum(p.numel() for p in norm.parameters())
-        assert n_params == (0 if name == "none" else 2 * 64), name
+        # Frozen BatchNorm keeps its affine (and statistics) as buffers: nothing to learn.
+        assert n_params == (0 if name in ("none", "frozen_batch") else 2 * 64), name
     assert isinstance(make_norm("group", 64), nn.GroupNorm)
     assert make_norm("group", 64).num_groups == 32  # Wu & He's default G=32
 
@@ -116,3 +117,44 @@ def test_every_registered_classifier_builds_with_group_norm_at_default_groups():
             for m in groups:
                 assert m.num_channels % m.num_groups == 0, name
                 assert m.num_groups <= 32, name
+
+
+def _trained_batch_norm(channels: int) -> nn.BatchNorm2d:
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    bn.train()
+    for _ in range(3):  # non-trivial running statistics
+        bn(torch.randn(4, channels, 6, 6) * 2.0 + 0.7)
+    return bn.eval()
+
+
+def test_frozen_batch_norm_equals_eval_mode_batch_norm(x):
+    bn = _trained_batch_norm(8)
+    assert int(bn.num_batches_tracked) == 3
+    frozen = make_norm("frozen_batch", 8)
+    assert isinstance(frozen, FrozenBatchNorm2d)
+    frozen.load_state_dict(bn.state_dict())  # same keys; num_batches_tracked ignored
+    assert not list(frozen.parameters())
+    assert sorted(frozen.state_dict()) == ["bias", "running_mean", "running_var", "weight"]
+    frozen.train()  # training mode changes nothing: statistics are frozen
+    torch.testing.assert_close(frozen(x), bn(x), atol=1e-5, rtol=1e-5)
+    # By hand: (x - mean) / sqrt(var + 1e-5) * weight + bias per channel.
+    c = 5
+    expected = (x[:, c] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + 1e-5)
+    expected = expected * bn.weight[c] + bn.bias[c]
+    torch.testing.assert_close(frozen(x)[:, c], expected.detach(), atol=1e-5, rtol=1e-5)
+    before = frozen.running_mean.clone()
+    frozen(x * 10)
+    assert torch.equal(frozen.running_mean, before)
+
+
+def test_resnet_builds_and_runs_with_frozen_batch_norm():
+    from cnnkit.models.registry import create_model
+
+    model = create_model("resnet18", norm="frozen_batch", widths=[8, 8, 16, 16], num_classes=3)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

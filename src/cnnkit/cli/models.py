@@ -6,13 +6,29 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-# The lecture's order: ResNet, its grouped and widened variants, then DenseNet and PyramidNet.
-FAMILY_ORDER = ("resnet", "resnext", "wide_resnet", "densenet", "pyramidnet")
+# The lecture's order: ResNet, its grouped and widened variants, then DenseNet and PyramidNet;
+# then the detectors built on them.
+FAMILY_ORDER = (
+    "resnet",
+    "resnext",
+    "wide_resnet",
+    "densenet",
+    "pyramidnet",
+    "fast_rcnn",
+    "faster_rcnn",
+)
+TASKS = ("classification", "detection")
+
+
+def model_task(info) -> str:
+    """A registry entry's task: its ``"detection"`` tag, else classification."""
+    return "detection" if "detection" in info.tags else "classification"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models with their parameter counts")
     p.add_argument("--family", help="only this family (resnet, resnext, wide_resnet, ...)")
+    p.add_argument("--task", choices=TASKS, help="only the models of this task")
     p.add_argument("--num-classes", type=int, help="override the classifier size")
     p.set_defaults(func=run)
 
@@ -21,10 +37,16 @@ def run(args: argparse.Namespace) -> int:
     from cnnkit.models.registry import count_parameters, create_model, list_models, model_info
 
     names = list_models(args.family)
+    if args.task is not None:
+        names = [n for n in names if model_task(model_info(n)) == args.task]
     rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
     names.sort(key=lambda n: rank.get(model_info(n).family, len(rank)))  # stable within a family
     if not names:
-        raise ValueError(f"--family {args.family!r} has no models")
+        raise ValueError(
+            f"--family {args.family!r}"
+            + (f" --task {args.task}" if args.task else "")
+            + " has no models"
+        )
     rows = []
     with _shapes_only():  # parameter counts without allocating or initializing 88M floats
         for name in names:

@@ -80,6 +80,10 @@ def _data_section(run_dir: Path, config: dict, *fields: str) -> dict:
     file = run_dir / "config.json"
     if not isinstance(data, dict):
         raise ValueError(f"{file}: no 'data' section (class names, mean/std, input size)")
+    if data.get("task") == "detection":
+        raise ValueError(
+            f"{run_dir} is a detection run: use `cnnkit detect evaluate` or `cnnkit detect predict`"
+        )
     for name in fields:
         if name not in data:
             raise ValueError(f"{file}: field 'data.{name}' is missing")

@@ -138,34 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extra model constructor argument, e.g. --model-arg zero_init_residual=true",
     )
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=30, help="passes over the training split")
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument(
-        "--lr",
-        type=float,
-        help="learning rate for a batch of --lr-batch; the rate used is lr * global batch / "
-        "lr-batch (default: 0.1 for sgd, 1e-3 for adamw)",
-    )
-    g.add_argument("--lr-batch", type=int, default=128, help="reference batch of --lr")
-    g.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (with momentum) or adamw"
-    )
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (ignored by adamw)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
-    g.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd), 0.05 (adamw)")
-    g.add_argument(
-        "--no-decay-norm-bias",
-        action="store_true",
-        help="no weight decay on norm parameters and biases",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="step: /10 at 50%% and 75%%",
-    )
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length")
+    add_optimization_args(p)
 
     g = p.add_argument_group("regularization")
     g.add_argument(
@@ -198,6 +171,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--flip", choices=TOGGLES, default="auto", help="auto: off for digits")
 
+    add_hardware_and_run_args(p)
+    p.set_defaults(func=run)
+
+
+def add_optimization_args(
+    p: argparse.ArgumentParser,
+    *,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr_batch: int = 128,
+    lr_help: str = "default: 0.1 for sgd, 1e-3 for adamw",
+    decay_help: str = "default 5e-4 (sgd), 0.05 (adamw)",
+    warmup_epochs: float = 1.0,
+) -> None:
+    """The optimization flags, shared by `cnnkit train` and `cnnkit detect train` (each with its
+    own defaults)."""
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
+    g.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate for a batch of --lr-batch; the rate used is lr * global batch / "
+        f"lr-batch ({lr_help})",
+    )
+    g.add_argument("--lr-batch", type=int, default=lr_batch, help="reference batch of --lr")
+    g.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (with momentum) or adamw"
+    )
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (ignored by adamw)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    g.add_argument("--weight-decay", type=float, help=decay_help)
+    g.add_argument(
+        "--no-decay-norm-bias",
+        action="store_true",
+        help="no weight decay on norm parameters and biases",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="step: /10 at 50%% and 75%%",
+    )
+    g.add_argument(
+        "--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length"
+    )
+
+
+def add_hardware_and_run_args(p: argparse.ArgumentParser) -> None:
+    """The hardware and run-directory flags, shared by `cnnkit train` and `cnnkit detect train`."""
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument(
@@ -258,18 +281,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quiet", action="store_true", help="one line per epoch instead of progress bars"
     )
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard events")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
     from cnnkit.train.config import TrainConfig
 
     # Every TrainConfig field is the dest of the flag of the same name, except model_args
-    # (collected from the repeated --model-arg).
+    # (collected from the repeated --model-arg); a command without a flag (`detect train` has
+    # no --cutout) leaves the field at its default or sets it with set_defaults.
     values = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if f.name != "model_args"
+        if f.name != "model_args" and hasattr(args, f.name)
     }
     values["model_args"] = dict(args.model_arg)
     return TrainConfig(**values)
@@ -288,7 +311,8 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, object]:
     return values
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, make_config=config_from_args) -> int:
+    """Train ``make_config(args)``, or resume ``--resume``; status 1 when training diverged."""
     from cnnkit.train.engine import TrainingDiverged
     from cnnkit.train.run import resume, train
 
@@ -301,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             resume(args.resume, overrides=resume_overrides(args))
         else:
-            train(config_from_args(args), overwrite=args.overwrite)
+            train(make_config(args), overwrite=args.overwrite)
     except TrainingDiverged as err:
         print(f"cnnkit: training diverged: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

@@ -41,8 +41,9 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -524,9 +525,15 @@ class StreamCollate:
 
 
 def stream_loader(
-    dataset: StreamDataset, sampler: Sampler[list[SampleKey]], *, workers: int, pin_memory: bool
+    dataset: Dataset,
+    sampler: Sampler[list[SampleKey]],
+    *,
+    workers: int,
+    pin_memory: bool,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
-    """A DataLoader yielding :class:`Batch` es of ``dataset`` in ``sampler``'s batches.
+    """A DataLoader yielding :class:`Batch` es of ``dataset`` in ``sampler``'s batches (or what
+    ``collate_fn`` makes of them: the detection data's batches of lists).
 
     Workers persist across epochs (no re-fork per epoch; the sampler runs in the main process,
     so :meth:`ShardBatchSampler.set_epoch` still takes effect) and each keeps 2 batches in
@@ -538,11 +545,24 @@ def stream_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=StreamCollate(dataset.sample_shape),
+        collate_fn=collate_fn or StreamCollate(dataset.sample_shape),
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
     )
+
+
+def check_invalid(invalid: list[str], skip_invalid: bool, skipped: set[str]) -> None:
+    """A batch's unreadable images (``"PATH: reason"``) stop the run with the first one named,
+    unless ``skip_invalid``: then they are added to ``skipped`` (each file counted once)."""
+    if not invalid:
+        return
+    if not skip_invalid:
+        raise ValueError(
+            f"cannot read image {invalid[0]} (--skip-invalid drops unreadable images and "
+            "reports how many)"
+        )
+    skipped.update(invalid)
 
 
 def default_workers(local_world_size: int = 1) -> int:

@@ -168,3 +168,58 @@ class BatchAugment:
         if train and self.cutout_size:
             out = cutout(out, self.cutout_size, 0.0, generator)
         return out
+
+
+# --------------------------------------------------------------------------- joint detection flips
+#
+# Pixel convention: continuous coordinates, pixel column c covers [c, c + 1) (COCO's boxes and
+# keypoints, torchvision's and detectron2's flips). Mirroring a W-wide image sends column c to
+# W - 1 - c, so a coordinate x to W - x: a box (x1, y1, x2, y2) becomes (W - x2, y1, W - x1, y2)
+# (it covers the mirrored pixels exactly) and a keypoint at x goes to W - x.
+
+
+def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
+    """``[N, 4]`` xyxy boxes of a ``width``-wide image, mirrored left-right."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
+
+
+def hflip_masks(masks: Tensor) -> Tensor:
+    """``[N, H, W]`` masks mirrored left-right."""
+    return masks.flip(-1)
+
+
+def hflip_keypoints(keypoints: Tensor, width: float, flip_map: Sequence[int]) -> Tensor:
+    """``[N, K, 3]`` keypoints ``(x, y, visibility)`` of a ``width``-wide image, mirrored.
+
+    A mirrored left eye is where a right eye belongs: the new keypoint ``k`` is the old
+    keypoint ``flip_map[k]`` (``cnnkit.data.detection_split.keypoint_flip_map``) at
+    ``x' = width - x``. Points not labelled (visibility 0, COCO's ``(0, 0, 0)``) keep their
+    coordinates.
+    """
+    index = torch.as_tensor(list(flip_map), dtype=torch.long, device=keypoints.device)
+    if index.numel() != keypoints.shape[1]:
+        raise ValueError(
+            f"flip_map has {index.numel()} entries but the keypoints are {list(keypoints.shape)}"
+        )
+    out = keypoints[:, index].clone()
+    labelled = out[..., 2] > 0
+    out[..., 0] = torch.where(labelled, width - out[..., 0], out[..., 0])
+    return out
+
+
+def hflip_detection(
+    image: Tensor, target: dict, flip_map: Sequence[int] | None = None
+) -> tuple[Tensor, dict]:
+    """``image [C, H, W]`` and its target (``boxes``; optional ``masks``, ``keypoints``, which
+    need ``flip_map``) mirrored left-right together; other keys are kept as they are."""
+    width = image.shape[-1]
+    out = dict(target)
+    out["boxes"] = hflip_boxes(target["boxes"], width)
+    if "masks" in target:
+        out["masks"] = hflip_masks(target["masks"])
+    if "keypoints" in target:
+        if flip_map is None:
+            raise ValueError("hflip_detection: keypoints need a flip_map")
+        out["keypoints"] = hflip_keypoints(target["keypoints"], width, flip_map)
+    return image.flip(-1), out

@@ -1,4 +1,4 @@
-"""One factory for every normalization a model may use: batch, group, layer or none.
+"""One factory for every normalization a model may use: batch, frozen batch, group, layer or none.
 
 Every family takes ``norm`` and ``norm_groups`` and builds its norms through :func:`make_norm`,
 so switching BatchNorm for GroupNorm (Wu & He, 2018) or LayerNorm is one argument.
@@ -6,9 +6,49 @@ so switching BatchNorm for GroupNorm (Wu & He, 2018) or LayerNorm is one argumen
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-NORMS = ("batch", "group", "layer", "none")
+NORMS = ("batch", "frozen_batch", "group", "layer", "none")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine transform: ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``: exactly
+    an eval-mode BatchNorm2d, but all four tensors are buffers, so neither the optimizer nor
+    training mode changes them. Detectors fine-tune ImageNet backbones this way because their
+    per-GPU batches (1-2 images) are too small for useful batch statistics (torchvision's
+    detection backbones, Detectron). It loads a BatchNorm2d ``state_dict`` (same keys;
+    ``num_batches_tracked`` is ignored).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # A BatchNorm2d checkpoint carries a step counter that means nothing once frozen.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, H, W]``."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
 
 
 def check_norm(norm: str) -> str:
@@ -41,6 +81,8 @@ def make_norm(norm: str, channels: int, groups: int = 32) -> nn.Module:
     """Return the normalization layer for a ``[N, channels, H, W]`` activation.
 
     - ``"batch"``: BatchNorm2d, statistics over (N, H, W) per channel.
+    - ``"frozen_batch"``: :class:`FrozenBatchNorm2d`, fixed statistics and affine (buffers, no
+      parameters): an eval-mode BatchNorm2d for fine-tuning detection backbones.
     - ``"group"``: GroupNorm with at most ``groups`` groups (``--norm-groups``; G=32 as in
       Wu & He): the largest divisor of ``channels`` not above ``groups``
       (:func:`group_count`), so any channel count works; statistics over (C/G, H, W) per
@@ -52,6 +94,8 @@ def make_norm(norm: str, channels: int, groups: int = 32) -> nn.Module:
     check_norm(norm)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
+    if norm == "frozen_batch":
+        return FrozenBatchNorm2d(channels)
     if norm == "group":
         return nn.GroupNorm(group_count(channels, groups), channels)
     if norm == "layer":

@@ -39,16 +39,21 @@ def register_model(
     family: str,
     input_size: tuple[int, int, int],
     paper: str = "",
+    tags: tuple[str, ...] = (),
     **config: Any,
 ) -> None:
-    """Register ``name`` as ``builder(**config)``; ``paper`` is the published figure it matches."""
+    """Register ``name`` as ``builder(**config)``; ``paper`` is the published figure it matches,
+    ``tags`` e.g. the task (``("detection",)``)."""
     if name in _REGISTRY:
         raise ValueError(f"model name {name!r} is registered twice")
-    _REGISTRY[name] = ModelInfo(name, family, builder, dict(config), tuple(input_size), paper)
+    _REGISTRY[name] = ModelInfo(
+        name, family, builder, dict(config), tuple(input_size), paper, tuple(tags)
+    )
 
 
 def _ensure_loaded() -> None:
     # Importing the family modules fills the registry; done lazily to keep `import cnnkit` light.
+    import cnnkit.detection.models  # noqa: F401
     import cnnkit.models  # noqa: F401
 
 

@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "fp32", "bf16")
 TOGGLES = ("auto", "on", "off")
 STORAGES = ("auto", "stream", "memory")
+TASKS = ("classification", "detection")
 # --seed: torch's generators take a 64-bit seed; the largest signed one keeps seed + epoch valid.
 MAX_SEED = 2**63 - 1
 # --image-size (and a saved run's input size): a side beyond this is a typo, not a network
@@ -81,6 +82,9 @@ class TrainConfig:
     quiet: bool = False
     tensorboard: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    proposals: str | None = None
+    backbone_weights: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,6 +181,7 @@ class TrainConfig:
             "compile": TOGGLES,
             "flip": TOGGLES,
             "storage": STORAGES,
+            "task": TASKS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

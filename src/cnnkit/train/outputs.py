@@ -23,10 +23,10 @@ METRICS_NAME = "metrics.json"
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    """``runs/<model>-<data kind>[-<data dir name>]-<YYYYmmdd-HHMMSS>``."""
-    kind = cfg.data.partition(":")[0]
-    if kind != "digits":
-        kind += "-" + Path(cfg.data.partition(":")[2].rstrip("/")).name
+    """``runs/<model>-<data kind>[-<data dir name or seed>]-<YYYYmmdd-HHMMSS>``."""
+    kind, _, rest = cfg.data.partition(":")
+    if rest:
+        kind += "-" + Path(rest.rstrip("/")).name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.model}-{kind}-{stamp}"
 

@@ -39,8 +39,12 @@ def run_engine(cfg: TrainConfig, task: Task, **kwargs: Any) -> dict[str, Any]:
     return metrics
 
 
-def make_task(cfg: TrainConfig, **kwargs: Any):
-    """The task ``cfg`` trains (classification, for now)."""
+def make_task(cfg: TrainConfig, **kwargs: Any) -> Task:
+    """The task ``cfg`` trains (``cfg.task``: classification or detection)."""
+    if cfg.task == "detection":
+        from cnnkit.train.detection import DetectionTask
+
+        return DetectionTask(cfg, **kwargs)
     from cnnkit.train.classification import ClassificationTask
 
     return ClassificationTask(cfg, **kwargs)

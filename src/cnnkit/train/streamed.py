@@ -28,6 +28,7 @@ from cnnkit.data.streaming import (
     EvalBatchSampler,
     FileSource,
     ShardBatchSampler,
+    check_invalid,
     default_workers,
     stream_loader,
 )
@@ -108,13 +109,7 @@ class StreamedData:
 
     def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The batch on the device; unreadable files stop the run unless ``--skip-invalid``."""
-        if batch.invalid:
-            if not self.cfg.skip_invalid:
-                raise ValueError(
-                    f"cannot read image {batch.invalid[0]} (--skip-invalid drops unreadable "
-                    "images and reports how many)"
-                )
-            self.skipped.update(batch.invalid)
+        check_invalid(batch.invalid, self.cfg.skip_invalid, self.skipped)
         if len(batch) == 0:
             raise ValueError(f"no image of a batch could be read: {batch.invalid[0]}, ...")
         device = self.runtime.device

@@ -1,0 +1,228 @@
+"""`cnnkit detect train | evaluate | predict | proposals` end to end on tiny scenes.
+
+One module-scoped tiny data set and one tiny Faster R-CNN run serve every test; each checks a
+file or a behaviour a user relies on (the run directory, evaluation files that pycocotools-like
+readers accept, predictions drawn, proposals that feed a Fast R-CNN, bad input as one line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from cnnkit.cli.main import main
+
+# A detector small enough to train a step in well under a second on one core.
+TINY_MODEL = [
+    "--model-arg", "backbone_widths=[8,16,32,64]",
+    "--model-arg", "fpn_channels=16",
+    "--model-arg", "representation_size=32",
+    "--model-arg", "min_size=64",
+    "--model-arg", "max_size=64",
+    "--model-arg", "anchor_sizes=[8,16,32,64,128]",
+]  # fmt: skip
+FAST = ["--batch-size", "4", "--quiet", "--threads", "1", "--workers", "0", "--precision", "fp32"]
+
+
+def _fails(capsys, argv, pattern, status=2):
+    assert main(argv) == status
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    out = root / "tiny"
+    args = ["data", "scenes", str(out), "--images", "12", "--val-images", "6", "--size", "64"]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(scenes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "faster"
+    argv = ["detect", "train", "--data", f"coco:{scenes}", "--epochs", "2", *TINY_MODEL, *FAST,
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_train_writes_the_engine_run_directory(run):
+    for name in ("config.json", "model.safetensors", "history.jsonl", "metrics.json", "report.md",
+                 "curves.png", "detections.json", "evaluation.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2]
+    for key in ("train_loss", "train_loss_objectness", "train_loss_classifier", "dev_box_ap",
+                "dev_box_ap50"):  # fmt: skip
+        assert key in history[-1], key
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_seconds"] > 0
+    assert 0.0 <= metrics["final_dev_box_ap"] <= 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["classes"] == [str(d) for d in range(10)]
+    assert config["train"]["task"] == "detection"
+
+
+def test_evaluate_writes_results_that_score_as_printed(run, tmp_path, capsys):
+    from cnnkit.evaluation import coco_evaluate
+
+    out = tmp_path / "eval"
+    assert main(["detect", "evaluate", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95" in printed
+    record = json.loads((out / "evaluation.json").read_text())
+    assert len(record["bbox"]) == 12
+    assert set(record) >= {"bbox", "voc_map50", "per_class"}
+    config = json.loads((run / "config.json").read_text())
+    gt = json.loads((_gt_file(config)).read_text())
+    detections = json.loads((out / "detections.json").read_text())
+    if detections:
+        again = coco_evaluate(gt, detections, "bbox")
+        assert np.allclose(again.stats, record["bbox"])
+    assert (out / "pr_curves.png").is_file() or not detections
+
+
+def _gt_file(config):
+    from pathlib import Path
+
+    root = Path(config["data"]["spec"].partition(":")[2])
+    return root / "annotations" / "instances_val.json"
+
+
+def test_predict_draws_each_image_and_writes_results(run, scenes, tmp_path, capsys):
+    images = sorted((scenes / "val").glob("*.png"))[:2]
+    out = tmp_path / "pred"
+    argv = ["detect", "predict", str(run), *map(str, images), "--out", str(out),
+            "--score-threshold", "0.0", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    for image in images:
+        assert (out / f"{image.stem}.png").is_file()
+    results = json.loads((out / "detections.json").read_text())
+    assert all({"bbox", "score", "category_id", "file_name"} <= set(r) for r in results)
+
+
+def test_predict_unreadable_image_is_one_line(run, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    _fails(capsys, ["detect", "predict", str(run), str(bad), "--out", str(tmp_path)], "bad.png")
+
+
+def test_fast_rcnn_trains_on_proposals_of_the_run(run, scenes, tmp_path, capsys):
+    props = tmp_path / "proposals.json"
+    argv = ["detect", "proposals", str(run), "--out", str(props), "--device", "cpu"]
+    assert main(argv) == 0
+    table = json.loads(props.read_text())
+    assert len(table) == 12 + 6  # every image of both splits
+    boxes = np.array(next(iter(table.values())))
+    assert boxes.ndim == 2 and boxes.shape[1] == 4
+    out = tmp_path / "fast"
+    argv = ["detect", "train", "--model", "fast_rcnn_r18_fpn", "--data", f"coco:{scenes}",
+            "--proposals", str(props), "--epochs", "1", *TINY_MODEL, *FAST,
+            "--model-arg", "norm=batch", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    history = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    assert "train_loss_classifier" in history and "train_loss_objectness" not in history
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [  # fmt: skip
+        (["detect", "train", "--model", "resnet20"], "not a detector"),
+        (["detect", "train", "--model", "faster_rcnn_r18"], "unknown model"),
+        (["detect", "train", "--data", "coco:/nonexistent/coco"], "/nonexistent/coco"),
+        (["detect", "train", "--data", "pascal"], "pascal"),
+        (["detect", "train", "--epochs", "0"], "--epochs"),
+        (["detect", "evaluate", "/nonexistent/run"], "no such run directory"),
+        (
+            ["detect", "train", "--model", "fast_rcnn_r18_fpn", "--data", "coco:{scenes}"],
+            "--proposals",
+        ),
+        (
+            ["detect", "train", "--proposals", "/nonexistent/p.json", "--data", "coco:{scenes}"],
+            "/nonexistent/p.json",
+        ),
+        (
+            [
+                "detect",
+                "train",
+                "--backbone-weights",
+                "/nonexistent/w.pth",
+                "--data",
+                "coco:{scenes}",
+            ],
+            "/nonexistent/w.pth",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(capsys, scenes, tmp_path, argv, pattern):
+    argv = [a.replace("{scenes}", str(scenes)) for a in argv]
+    _fails(capsys, [*argv, "--out", str(tmp_path / "never")], pattern)
+    assert not (tmp_path / "never").exists()
+
+
+def test_classification_run_is_not_a_detection_run(capsys, tmp_path):
+    argv = ["train", "--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]", "--image-size",
+            "16", "--train-subset", "64", "--batch-size", "32", "--epochs", "1", "--quiet", "--out",
+            str(tmp_path / "cls")]  # fmt: skip
+    assert main(argv) == 0
+    _fails(capsys, ["detect", "evaluate", str(tmp_path / "cls")], "not a detection run")
+
+
+def test_classification_commands_point_a_detection_run_to_detect(run, capsys):
+    _fails(capsys, ["evaluate", str(run)], "detect evaluate")
+
+
+def test_resume_continues_a_detection_run(scenes, tmp_path):
+    out = tmp_path / "resumed"
+    argv = ["detect", "train", "--data", f"coco:{scenes}", "--epochs", "1", *TINY_MODEL, *FAST,
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["detect", "train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_backbone_weights_from_a_file_are_loaded(scenes, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from cnnkit.models.registry import create_model
+    from cnnkit.train.checkpoint import load_weights
+
+    source = create_model("resnet18", widths=[8, 16, 32, 64], num_classes=7)
+    file = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(file))
+    out = tmp_path / "pretrained"
+    argv = ["detect", "train", "--data", f"coco:{scenes}", "--epochs", "1", *TINY_MODEL, *FAST,
+            "--backbone-weights", str(file), "--lr", "1e-9", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    saved = load_weights(out)
+    # A rate of 1e-9 leaves the loaded weights where they were (fc.* is not a backbone tensor).
+    stem = saved["backbone.body.conv1.weight"]
+    assert torch.allclose(stem, source.conv1.weight, atol=1e-6)
+
+
+def test_backbone_weights_of_another_shape_name_the_tensor(scenes, tmp_path, capsys):
+    argv = ["train", "--model", "resnet18", "--model-arg", "widths=[8,16,32,64]", "--image-size",
+            "32", "--train-subset", "64", "--batch-size", "32", "--epochs", "1", "--quiet",
+            "--out", str(tmp_path / "cls")]  # fmt: skip
+    assert main(argv) == 0
+    # The digits are grayscale: the classifier's stem takes 1 channel, the detector's 3.
+    argv = ["detect", "train", "--data", f"coco:{scenes}", *TINY_MODEL, *FAST,
+            "--backbone-weights", str(tmp_path / "cls"), "--out", str(tmp_path / "never")]  # fmt: skip
+    _fails(capsys, argv, r"conv1\.weight")
+    assert not (tmp_path / "never").exists()
+
+
+def test_pictures_of_images_with_the_same_stem_do_not_overwrite_each_other():
+    from cnnkit.cli.detect import picture_names
+
+    assert picture_names(["a/x.jpg", "b/x.png", "c/y.png"]) == ["x-0.png", "x-1.png", "y.png"]
