@@ -226,3 +226,158 @@ def test_pictures_of_images_with_the_same_stem_do_not_overwrite_each_other():
     from cnnkit.cli.detect import picture_names
 
     assert picture_names(["a/x.jpg", "b/x.png", "c/y.png"]) == ["x-0.png", "x-1.png", "y.png"]
+
+
+def test_explain_writes_every_stage_with_annotations(run, scenes, tmp_path, capsys):
+    image = scenes / "val" / "000001.png"
+    out = tmp_path / "explain"
+    annotations = scenes / "annotations" / "instances_val.json"
+    argv = ["detect", "explain", str(run), str(image), "--out", str(out), "--annotations",
+            str(annotations), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    names = {p.name for p in out.iterdir()}
+    for stage in ("01_anchors.png", "02_proposals_before_nms.png", "03_proposals_after_nms.png",
+                  "04_sampled_rois.png", "05_boxes_before_nms.png", "06_detections.png",
+                  "index.md"):  # fmt: skip
+        assert stage in names, stage
+    # The same file name in the train split's annotations is another image: refused.
+    train = scenes / "annotations" / "instances_train.json"
+    argv = ["detect", "explain", str(run), str(image), "--out", str(out), "--annotations",
+            str(train)]  # fmt: skip
+    _fails(capsys, argv, "not one of them")
+
+
+# --------------------------------------------------------------------------- hostile use
+
+
+def _copy(path, tmp_path, name):
+    import shutil
+
+    return shutil.copytree(path, tmp_path / name)
+
+
+def _files(root):
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+
+
+def test_predict_into_a_run_directory_is_refused(run, scenes, tmp_path, capsys):
+    """--out RUN_DIR replaced the run's detections.json (and an input named curves.png its
+    curves) with predict's."""
+    mine = _copy(run, tmp_path, "run")
+    before = _files(mine)
+    image = scenes / "val" / "000000.png"
+    _fails(capsys, ["detect", "predict", str(mine), str(image), "--out", str(mine)], "holds a run")
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    _fails(capsys, ["detect", "predict", str(run), str(image), "--out", str(a_file / "x")],
+           "is not a directory")  # fmt: skip
+    assert _files(mine) == before and a_file.read_text() == "mine"
+
+
+def test_proposals_out_is_checked_before_the_inference(run, tmp_path, capsys):
+    """A directory as --out failed after the whole inference, naming a temporary file; a run's
+    config.json was replaced by proposals."""
+    mine = _copy(run, tmp_path, "run")
+    before = _files(mine)
+    for out, pattern in ((mine, "is a directory"), (mine / "config.json", "a file of the run")):
+        _fails(capsys, ["detect", "proposals", str(mine), "--out", str(out)], pattern)
+    assert _files(mine) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "pattern"),
+    [
+        ("classes", list(range(10)), r"field 'data.classes' must be class names"),
+        ("label_to_category", [-1, 1], r"field 'data.label_to_category' must be 11 integers"),
+        ("label_to_category", ["a"] * 11, r"field 'data.label_to_category'"),
+        ("label_to_category", [10**30] * 11, r"field 'data.label_to_category'"),
+        ("classes", ["0"], r"field 'data.label_to_category' must be 2 integers"),
+    ],
+)
+def test_damaged_config_fields_are_one_line(run, scenes, tmp_path, capsys, field, value, pattern):
+    """A short list was an IndexError traceback in predict; strings or huge ids a message
+    without the file, or category ids written as they were."""
+    mine = _copy(run, tmp_path, "run")
+    config = json.loads((mine / "config.json").read_text())
+    config["data"][field] = value
+    (mine / "config.json").write_text(json.dumps(config))
+    image = str(scenes / "val" / "000000.png")
+    out = tmp_path / "pred"
+    _fails(capsys, ["detect", "predict", str(mine), image, "--out", str(out)], pattern)
+    _fails(capsys, ["detect", "evaluate", str(mine), "--out", str(out)], pattern)
+    assert not out.exists()
+
+
+def _edited_scenes(scenes, tmp_path, edit):
+    root = _copy(scenes, tmp_path, "data")
+    splits = {}
+    for split in ("train", "val"):
+        file = root / "annotations" / f"instances_{split}.json"
+        splits[split] = json.loads(file.read_text())
+    edit(splits)
+    for split, data in splits.items():
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+def test_a_val_split_without_boxes_to_evaluate_is_refused(run, scenes, tmp_path, capsys):
+    """Crowd boxes only: the run trained and reported a dev AP of 0.0 (COCO's -1 clamped); no
+    annotation at all: an IndexError traceback (VOC AP), after the run's files were written."""
+
+    def crowd(splits):
+        for ann in splits["val"]["annotations"]:
+            ann["iscrowd"] = 1
+
+    def empty(splits):
+        splits["val"]["annotations"] = []
+
+    for edit in (crowd, empty):
+        root = _edited_scenes(scenes, tmp_path / edit.__name__, edit)
+        out = tmp_path / edit.__name__ / "out"
+        argv = ["detect", "train", "--data", f"coco:{root}", "--epochs", "1", *TINY_MODEL, *FAST,
+                "--out", str(out)]  # fmt: skip
+        _fails(capsys, argv, "the val split has no box to evaluate against")
+        argv = ["detect", "evaluate", str(run), "--data", f"coco:{root}", "--out", str(out)]
+        _fails(capsys, argv, "the val split has no box to evaluate against")
+        assert not out.exists()
+
+
+def test_proposals_cannot_tell_images_of_both_splits_apart(scenes, tmp_path, capsys):
+    """Train and val image ids 1..N: Fast R-CNN got a train image's proposals for a val image."""
+
+    def renumber(splits):
+        val = splits["val"]
+        new = {im["id"]: k for k, im in enumerate(val["images"], start=1)}
+        for im in val["images"]:
+            im["id"] = new[im["id"]]
+        for ann in val["annotations"]:
+            ann["image_id"] = new[ann["image_id"]]
+
+    root = _edited_scenes(scenes, tmp_path, renumber)
+    props = tmp_path / "proposals.json"
+    props.write_text(json.dumps({str(i): [[0, 0, 16, 16]] for i in range(1, 13)}))
+    argv = ["detect", "train", "--model", "fast_rcnn_r18_fpn", "--data", f"coco:{root}",
+            "--proposals", str(props), "--epochs", "1", *TINY_MODEL, *FAST,
+            "--out", str(tmp_path / "never")]  # fmt: skip
+    _fails(capsys, argv, r"image id\(s\) in both splits, e.g. 1")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (
+            ["{image}", "--score-threshold", "nan"],
+            r"--score-threshold must be in \[0, 1\], got nan",
+        ),
+        (["{val}"], "is a directory; give image files"),
+        (["{image}", "{config}"], r"config.json: cannot read the image"),
+    ],
+)
+def test_predict_bad_input_is_one_line_before_output(run, scenes, tmp_path, capsys, args, pattern):
+    image, val = scenes / "val" / "000000.png", scenes / "val"
+    names = {"{image}": str(image), "{val}": str(val), "{config}": str(run / "config.json")}
+    args = [names.get(a, a) for a in args]
+    out = tmp_path / "pred"
+    _fails(capsys, ["detect", "predict", str(run), *args, "--out", str(out)], pattern)
+    assert not out.exists()

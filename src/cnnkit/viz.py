@@ -1,4 +1,5 @@
-"""Pictures a practitioner looks at: learning curves, confusion matrices, PR curves.
+"""Pictures a practitioner looks at: learning curves, confusion matrices, PR curves, boxes
+on images (detections, a detector's stages).
 
 Matplotlib with the Agg backend (no display needed); every function writes one PNG.
 """
@@ -6,6 +7,8 @@ Matplotlib with the Agg backend (no display needed); every function writes one P
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
@@ -454,3 +457,246 @@ def _draw_keypoints(ax, keypoints, skeleton, names, colour_of, n) -> None:
             linewidths=0.8,
             zorder=3,
         )
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+@dataclass
+class BoxLayer:
+    """Boxes drawn alike on an image by :func:`draw_box_layers`.
+
+    Attributes:
+        boxes: ``[N, 4]`` ``(x1, y1, x2, y2)`` in pixels of the image.
+        name: the layer's legend entry (None: not in the legend).
+        colour: one matplotlib colour for every box, or float ``[N, 3]`` RGB rows in [0, 1].
+        values: ``[N]`` numbers that colour the boxes through ``cmap`` instead (e.g. scores),
+            with a colour bar labelled ``value_label`` from ``vmin`` to ``vmax``.
+        texts: ``N`` labels written at the boxes' top-left corners (None or "" for none).
+        linewidth, linestyle, alpha: of the box outlines (``alpha`` may be ``[N]``).
+        halo: a black edge around each line, to show on any background (ground truth).
+    """
+
+    boxes: Any
+    name: str | None = None
+    colour: Any = "tab:blue"
+    values: Any = None
+    cmap: str = "viridis"
+    value_label: str = ""
+    vmin: float = 0.0
+    vmax: float = 1.0
+    texts: list[str] | None = None
+    linewidth: float = 1.5
+    linestyle: str = "-"
+    alpha: Any = 1.0
+    halo: bool = False
+
+
+def draw_box_layers(image, layers: list[BoxLayer], path, *, title: str = "") -> None:
+    """Layers of boxes on an image (one detector stage: anchors, proposals, RoIs), as a PNG.
+
+    The image is enlarged as in :func:`draw_detections`; layers are drawn in order (the last
+    on top), each as one line collection, so thousands of boxes stay fast. Named layers get a
+    legend entry below the image, valued layers a colour bar on the right, and ``title`` goes
+    above.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib import patheffects
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize, to_rgb
+    from matplotlib.lines import Line2D
+
+    pixels = _rgb_image(image)
+    h, w = pixels.shape[:2]
+    scale = max(1.0, DETECTION_MIN_SIDE / max(h, w))
+    fig = plt.figure(figsize=(w * scale / _DETECTION_DPI, h * scale / _DETECTION_DPI))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(pixels, extent=(0, w, h, 0), interpolation="nearest")
+    handles, bars = [], []
+    for i, layer in enumerate(layers):
+        boxes = np.asarray(layer.boxes, dtype=np.float64).reshape(-1, 4)
+        n = boxes.shape[0]
+        if layer.values is not None:
+            values = np.asarray(layer.values, dtype=np.float64).reshape(-1)
+            if values.size != n:
+                raise ValueError(f"draw_box_layers: layer {i} has {values.size} values, {n} boxes")
+            norm = Normalize(layer.vmin, layer.vmax)
+            rgb = plt.get_cmap(layer.cmap)(norm(values))[:, :3]
+            bars.append((layer, norm))
+        elif isinstance(layer.colour, str) or np.ndim(layer.colour) == 1:
+            rgb = np.tile(to_rgb(layer.colour), (n, 1))
+        else:
+            rgb = np.asarray(layer.colour, dtype=np.float64).reshape(-1, 3)
+            if rgb.shape[0] != n:
+                raise ValueError(
+                    f"draw_box_layers: layer {i} has {rgb.shape[0]} colours, {n} boxes"
+                )
+        alpha = np.broadcast_to(np.asarray(layer.alpha, dtype=np.float64), (n,))
+        rgba = np.concatenate([rgb, alpha[:, None]], axis=1)
+        x1, y1, x2, y2 = boxes.T
+        outlines = np.stack(
+            [np.stack(c, axis=1) for c in ((x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1))],
+            axis=1,
+        )  # [N, 5, 2] closed rectangles
+        effects = (
+            [
+                patheffects.Stroke(linewidth=layer.linewidth + 2, foreground="black"),
+                patheffects.Normal(),
+            ]
+            if layer.halo
+            else None
+        )
+        ax.add_collection(
+            LineCollection(
+                outlines,
+                colors=rgba,
+                linewidths=layer.linewidth,
+                linestyles=layer.linestyle,
+                zorder=2 + i,
+                path_effects=effects,
+            )
+        )
+        texts = layer.texts or []
+        if texts and len(texts) != n:
+            raise ValueError(f"draw_box_layers: layer {i} has {len(texts)} texts, {n} boxes")
+        for text, box, colour in zip(texts, boxes, rgb, strict=False):
+            if text:
+                inside = box[1] < 0.05 * h  # no room above the box at the image's top
+                ax.text(
+                    box[0],
+                    box[1],
+                    text,
+                    fontsize=8,
+                    va="top" if inside else "bottom",
+                    ha="left",
+                    color="black" if _luminance(colour) > 0.55 else "white",
+                    bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.0, "alpha": 0.85},
+                    clip_on=True,
+                    zorder=20,
+                )
+        if layer.name:
+            colour = rgb[0] if n and layer.values is None else "grey"
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=colour,
+                    linewidth=layer.linewidth,
+                    linestyle=layer.linestyle,
+                    path_effects=effects,
+                )
+            )
+            handles[-1].set_label(layer.name)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    if handles:
+        ax.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(0.0, -0.01),
+            ncol=min(len(handles), 3),
+            fontsize=8,
+            frameon=False,
+        )
+    for k, (layer, norm) in enumerate(bars):
+        cax = fig.add_axes((1.02 + 0.1 * k, 0.0, 0.03, 1.0))
+        mappable = plt.cm.ScalarMappable(norm=norm, cmap=layer.cmap)
+        fig.colorbar(mappable, cax=cax, label=layer.value_label)
+    _save_png(fig, path)
+
+
+def draw_box_heatmaps(
+    image,
+    boxes,
+    heatmaps,
+    path,
+    *,
+    titles: list[str] | None = None,
+    points=None,
+    vmax: float | None = 1.0,
+    columns: int | None = None,
+    title: str = "",
+    context: float = 0.25,
+) -> None:
+    """Box-local maps (mask probabilities, keypoint heatmaps) shown on their boxes, as a PNG.
+
+    Args:
+        image: ``uint8 [H, W, 3]``.
+        boxes: ``[S, 4]`` xyxy in pixels of ``image``.
+        heatmaps: ``[S, C, h, w]`` (or ``[S, h, w]``: ``C = 1``): map ``c`` of box ``s`` covers
+            the box, row 0 at its top (a mask head's ``M x M`` output, a keypoint's heatmap).
+        titles: one per panel (``S * C``, box-major), or None.
+        points: ``[S, C, 2]`` ``(x, y)`` image pixels marked with a cross (decoded keypoints).
+        vmax: the colour scale's top (1.0 for probabilities); None: each panel's own maximum
+            (a distribution over positions, whose peak matters more than its height).
+        columns: panels per row (default ``C`` when ``C > 1``, else up to 4 boxes a row).
+        context: each panel shows its box enlarged by this fraction of its size on each side.
+
+    Each panel shows the image around the box with the map over the box, translucent.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    pixels = _rgb_image(image)
+    h, w = pixels.shape[:2]
+    maps = np.asarray(heatmaps, dtype=np.float32)
+    if maps.ndim == 3:
+        maps = maps[:, None]
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if maps.ndim != 4 or maps.shape[0] != box_array.shape[0]:
+        raise ValueError(
+            f"draw_box_heatmaps: heatmaps must be [{box_array.shape[0]}, C, h, w], got "
+            f"{list(maps.shape)}"
+        )
+    s, c = maps.shape[:2]
+    if titles is not None and len(titles) != s * c:
+        raise ValueError(f"draw_box_heatmaps: {len(titles)} titles for {s * c} panels")
+    marks = None if points is None else np.asarray(points, dtype=np.float64).reshape(s, c, -1)
+    columns = columns or (c if c > 1 else min(max(s, 1), 4))
+    rows = max(1, -(-(s * c) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for panel, ax in zip(range(s * c), axes.flat, strict=False):
+        i, j = divmod(panel, c)
+        x1, y1, x2, y2 = box_array[i]
+        bw, bh = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+        ax.imshow(pixels, extent=(0, w, h, 0), interpolation="nearest")
+        top = vmax if vmax is not None else max(float(maps[i, j].max()), 1e-12)
+        ax.imshow(
+            maps[i, j],
+            extent=(x1, x2, y2, y1),
+            cmap="magma",
+            vmin=0.0,
+            vmax=top,
+            alpha=0.7,
+            interpolation="bilinear",
+        )
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white"))
+        if marks is not None:
+            ax.plot(*marks[i, j, :2], marker="x", color="cyan", markersize=7, mew=2)
+        ax.set_xlim(x1 - context * bw, x2 + context * bw)
+        ax.set_ylim(y2 + context * bh, y1 - context * bh)
+        if titles is not None:
+            ax.set_title(titles[panel], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def class_colours(names: list[str], classes: list[str]):
+    """float ``[N, 3]`` RGB: the colour of each of ``names`` among ``classes`` (the colours of
+    :func:`draw_detections` with ``classes``), for :class:`BoxLayer`."""
+    import numpy as np
+
+    colour_of = _class_colours([str(c) for c in classes])
+    unknown = sorted(set(map(str, names)) - set(colour_of))
+    if unknown:
+        raise ValueError(f"class_colours: names {unknown} are not in classes")
+    return np.asarray([colour_of[str(n)] for n in names], dtype=np.float64).reshape(-1, 3)

@@ -545,3 +545,234 @@ def test_split_holds_flat_arrays(tmp_path):
     for name, value in vars(split).items():
         assert not isinstance(value, (list, dict)) or name == "skipped", name
     assert split.nbytes < 4096
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+# Values a hostile (or careless) file holds: each was accepted silently (a boolean taken for a
+# number, a compressed RLE that pycocotools decodes into uninitialized memory, a keypoint that
+# float32 turns into inf) or raised a traceback (OverflowError) before.
+HOSTILE_ANNOTATIONS = [
+    ("bbox", [True, 1, 2, 2], "bbox must be 4 finite numbers"),
+    ("bbox", [1, 2, 10**400, 4], "bbox must be 4 finite numbers"),
+    ("area", 10**400, "area must be a finite number >= 0"),
+    ("segmentation", [[1, 2, 4, 2, 4, 10**400]], r"segmentation\[0\]: 1000.*\.\.\. is not a"),
+    # pycocotools took ~30 s to rasterize this one, and crashed (SIGSEGV) at 4e8.
+    ("segmentation", [[0, 0, 1e8, 0, 1e8, 1e8]], r"segmentation\[0\]: a point lies far outside"),
+    ("segmentation", {"size": [8, 10], "counts": "!!!!"}, "'!' is not a character"),
+    ("segmentation", {"size": [8, 10], "counts": "0"}, "compressed RLE counts cover 0 pixels"),
+    ("segmentation", {"size": [8, 10], "counts": ""}, "compressed RLE counts cover 0 pixels"),
+    ("segmentation", {"size": [8, 10], "counts": "ob"}, "in the middle of a run"),
+    ("keypoints", [1, 2, 2, 3, 10**400, 2, 5, 5, 2], "keypoints: 1000.* is not a finite number"),
+    ("keypoints", [1, 2, 2, 3, 1e39, 2, 5, 5, 2], "1e\\+39 is beyond float32's range"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), HOSTILE_ANNOTATIONS)
+def test_hostile_annotation_values_are_errors_naming_id_and_file(tmp_path, field, value, message):
+    train = _train_json()
+    train["annotations"][0][field] = value  # annotation id 42, on a.png
+    root = write_coco(tmp_path, train)
+    with pytest.raises(ValueError, match=message) as err:
+        load_detection(f"coco:{root}")
+    assert "instances_train.json: annotation id 42" in str(err.value)
+    assert len(str(err.value)) < 400  # a 400-digit number is shortened
+    assert load_detection(f"coco:{root}", skip_invalid=True).train.ann_ids.tolist() == [44, 43, 45]
+
+
+def test_compressed_rle_check_agrees_with_pycocotools():
+    from cnnkit.data.annotation_checks import segmentation_problem
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        rle = _rle(rng.random((h, w)) < rng.random())  # long runs and short ones
+        assert segmentation_problem(rle, h, w) is None
+        # The same string claimed for a wider image: its runs fall short.
+        assert "cover" in segmentation_problem({**rle, "size": [h, w + 1]}, h, w + 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["categories"][0].update(id=10**30), r"categories\[0\] needs an integer 'id'"),
+        (lambda d: d["categories"][0].update(name=None), "category id 7: 'name' must be a string"),
+        (lambda d: d["categories"][0].update(name="one"), "name 'one' belongs to more than one"),
+        (lambda d: d["images"][0].update(width=2**40), "image id 11: 'width' must be a positive"),
+        (lambda d: d["images"][0].update(height=10**30), "image id 11: 'height' must be a posit"),
+    ],
+)
+def test_hostile_file_entries(tmp_path, edit, message):
+    """A category id beyond int64 or two categories of one name made coco_gt raise
+    OverflowError / evaluation.json mix two classes up; a width beyond int64 raised
+    OverflowError (with --skip-invalid) when the split's arrays were built."""
+    root = write_coco(tmp_path)
+    for split, data in (("train", _train_json()), ("val", _val_json())):
+        edit(data)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_detection(f"coco:{root}")
+
+
+def test_huge_image_size_is_dropped_with_skip_invalid(tmp_path):
+    root = write_coco(tmp_path)
+    train = _train_json()
+    train["images"][1]["width"] = 10**30  # b.png
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(train))
+    data = load_detection(f"coco:{root}", skip_invalid=True)
+    assert data.train.image_ids.tolist() == [11, 13, 14]
+    assert data.skipped_by_reason["train: images"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"images": [1' + "0" * 5000 + "]}", "integer string conversion"),
+    ],
+)
+def test_unusable_json_is_an_error_naming_the_file(tmp_path, text, message):
+    """RecursionError (a traceback) and a ValueError without the file's name before."""
+    root = write_coco(tmp_path)
+    (root / "annotations" / "instances_train.json").write_text(text)
+    with pytest.raises(ValueError, match=f"instances_train.json: not usable JSON: .*{message}"):
+        load_detection(f"coco:{root}")
+
+
+def test_split_without_annotations_evaluates(tmp_path):
+    """VOC AP of a split without ground truth raised IndexError; COCO's is -1, VOC's NaN."""
+    val = _val_json()
+    val["annotations"] = []
+    data = load_detection(f"coco:{write_coco(tmp_path, val=val)}")
+    gt = data.val.coco_gt()
+    dets = [{"image_id": 21, "category_id": 7, "bbox": [1, 1, 3, 3], "score": 0.9}]
+    assert np.isnan(voc_evaluate(gt, dets).map)
+    assert coco_evaluate(gt, dets, "bbox").stats[0] == -1
+
+
+def _voc_set(tmp_path):
+    images = {"000001": ((16, 12), [("cat", 0, (1, 1, 4, 4))]), "000002": VOC_IMAGES["000007"]}
+    return write_voc(tmp_path, images, {"train": ["000001"], "val": ["000002"]})
+
+
+def test_voc_hostile_files(tmp_path):
+    root = _voc_set(tmp_path)
+    xml = root / "Annotations" / "000001.xml"
+    good = xml.read_text()
+    # A <size> no image has (int64 overflow before) is read from the image's header instead.
+    xml.write_text(good.replace("<width>16</width>", "<width>1e30</width>"))
+    assert load_detection(f"voc:{root}").train.widths.tolist() == [16]
+    # Entity declarations (billion laughs) are refused whatever expat does with them.
+    laughs = '<!DOCTYPE a [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+    xml.write_text(laughs + good.replace("<name>cat</name>", "<name>&b;</name>"))
+    with pytest.raises(ValueError, match=r"000001.xml: declares the XML entity 'a'"):
+        load_detection(f"voc:{root}")
+    data = load_detection(f"voc:{root}", skip_invalid=True)
+    assert data.skipped_by_reason == {"train: images": 1} and len(data.train) == 0
+    # A <filename> outside JPEGImages/ (when <name>.jpg is missing): a ValueError from
+    # Path.relative_to that named neither the XML nor the image.
+    image = root / "JPEGImages" / "000001.jpg"
+    image.rename(tmp_path / "elsewhere.jpg")
+    xml.write_text(good.replace("000001.jpg", str(tmp_path / "elsewhere.jpg")))
+    with pytest.raises(ValueError, match=r"000001.xml: image file .*000001.jpg not found"):
+        load_detection(f"voc:{root}")
+    (tmp_path / "elsewhere.jpg").rename(image)
+    xml.write_text(good)
+    # Set files: not UTF-8 (a UnicodeDecodeError without the file's name before), an image
+    # listed twice (duplicate image ids: evaluation failed after an epoch of training).
+    sets = root / "ImageSets" / "Main"
+    (sets / "train.txt").write_bytes(b"00000\xff1\n")
+    with pytest.raises(ValueError, match=r"train.txt: not UTF-8"):
+        load_detection(f"voc:{root}")
+    (sets / "val.txt").write_text("000002\n000002\n")
+    (sets / "train.txt").write_text("000001\n")
+    with pytest.raises(ValueError, match=r"val.txt: image 000002 is listed more than once"):
+        load_detection(f"voc:{root}")
+
+
+def test_voc_size_from_a_decompression_bomb_header(tmp_path, monkeypatch):
+    """Image.open's DecompressionBombError is no OSError: it was a traceback."""
+    from PIL import Image as PILImage
+
+    root = write_voc(tmp_path, {"000001": (None, [("cat", 0, (1, 1, 4, 4))])}, {"train": ["000001"], "val": ["000001"]})  # fmt: skip
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)  # 16 x 12 > 2 x 10: a "bomb"
+    with pytest.raises(ValueError, match="no <size>, and the image .* is unreadable: Image size"):
+        load_detection(f"voc:{root}")
+
+
+def _npz(**arrays):
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npz_declaring_terabytes():
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 4)}
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("1.npy", header.getvalue() + bytes(64))
+    return buffer.getvalue()
+
+
+def _npy():
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((1, 4)))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.json", '{"1": [["0", 0, 1, 1]]}', r"image 1: expected a list of .* \(numbers\)"),
+        ("p.json", '{"1": [[true, 0, 1, 1]]}', r"image 1: expected a list of .* \(numbers\)"),
+        ("p.json", '{"1": [[0, 0, 1%s, 1]]}' % ("0" * 400), "image 1: expected a list of"),
+        ("p.json", '{"1": [[0, 0, 1e39, 1]]}', "image 1: boxes must be finite"),
+        ("p.json", '{"1": [[0, 0, 1, 1]], "01": []}', "image id 1 has two entries"),
+        ("p.json", '{" 7": [[0, 0, 1, 1]]}', "key ' 7' is not an image id"),
+        ("p.json", '{"%s": []}' % ("9" * 30), "is not an image id"),
+        ("p.json", '{"1": ' + "[" * 100_000 + "]" * 100_000 + "}", "not usable JSON"),
+        ("p.json", '{"1": [[0, 0, 1%s, 1]]}' % ("0" * 5000), "not usable JSON"),
+        ("p.npz", _npz(**{"1": np.ones((1, 4), bool)}), "image 1: expected a list of"),
+        ("p.npz", _npz(**{"1": np.zeros((1, 4), complex)}), "image 1: expected a list of"),
+        ("p.npz", _npz(**{"1": np.array([object()] * 4)}), "Object arrays cannot be loaded"),
+        ("p.npz", b"PK\x03\x04garbage", "not a readable .npz file"),
+        ("p.npz", _npy(), r"not a readable .npz file \(one array"),
+        ("p.npz", _npz_declaring_terabytes(), "not a readable .npz file"),
+    ],
+)
+def test_hostile_proposal_files_are_one_error_naming_the_file(tmp_path, name, content, message):
+    """Strings and booleans were taken for coordinates, " 7" / "01" for image ids 7 / 1 (one
+    entry silently replacing another); deep nesting, a corrupt zip, a header declaring
+    terabytes (MemoryError) and an .npy were tracebacks or errors without the file's name."""
+    from cnnkit.data.proposals import read_proposals
+
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        read_proposals(path)
+    assert str(path) in str(err.value)
+
+
+def test_proposals_npz_suffix_in_any_case_and_non_finite_never_written(tmp_path):
+    from cnnkit.data.proposals import read_proposals, write_proposals
+
+    path = tmp_path / "p.NPZ"
+    path.write_bytes(_npz(**{"3": np.ones((2, 4), np.int16)}))
+    assert read_proposals(path)[3].dtype == np.float32
+    for out in (tmp_path / "q.npz", tmp_path / "q.json"):
+        with pytest.raises(ValueError, match="image 5 are not finite"):
+            write_proposals(out, {5: np.array([[0, 0, np.nan, 1]])})
+        assert not out.exists()

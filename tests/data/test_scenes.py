@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -413,3 +414,66 @@ def test_cache_incomplete_directory_is_an_error(tiny_cache):
     (tiny_cache / "scenes-v1-seed0" / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match="delete it"):
         scenes_root(0)
+
+
+# --------------------------------------------------------------------------- hostile use
+
+
+def test_cli_counts_beyond_the_limit_exit_2_before_anything(tmp_path, capsys):
+    """--images 100000000000 built a list of 10^9 chunks and was killed by the OOM killer."""
+    out = tmp_path / "out"
+    for flag in ("--images", "--val-images"):
+        assert main(["data", "scenes", str(out), flag, str(scenes.MAX_IMAGES + 1)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {scenes.MAX_IMAGES + 1}: must be at most {scenes.MAX_IMAGES}" in err
+        assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_through_a_symbolic_link_is_refused_before_generating(tmp_path, capsys):
+    """The final rename failed ("Not a directory") after the whole data set was rendered."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert (
+        main(["data", "scenes", str(tmp_path / "link"), "--images", "1", "--val-images", "1"]) == 2
+    )
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+def test_two_writers_of_one_out_one_wins_the_other_says_so(tmp_path, monkeypatch):
+    """The loser's error was "[Errno 39] Directory not empty"; the winner's data set stays."""
+    out = tmp_path / "out"
+    write = scenes._write_dataset
+
+    def other_process_finishes_first(root, *args):
+        write(root, *args)
+        monkeypatch.setattr(scenes, "_write_dataset", write)
+        generate_scenes(out, images=1, val_images=1, size=32)  # the other writer
+
+    monkeypatch.setattr(scenes, "_write_dataset", other_process_finishes_first)
+    theirs = None
+    for kind in ("missing", "empty"):
+        if kind == "empty":
+            out.mkdir()
+            monkeypatch.setattr(scenes, "_write_dataset", other_process_finishes_first)
+        with pytest.raises(ValueError, match="another process wrote a data set there"):
+            generate_scenes(out, images=2, val_images=1, size=32)
+        assert len(list((out / "train").iterdir())) == 1  # theirs, whole
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left
+        theirs = _files(out) if theirs is None else theirs
+        assert _files(out) == theirs
+        shutil.rmtree(out)
+
+
+def test_out_gets_the_permissions_of_a_new_directory(tmp_path):
+    """mkdtemp's 0o700 was renamed into place: a data set no one else could read."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        out = generate_scenes(tmp_path / "out", images=1, val_images=1, size=32)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o750

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -177,3 +179,165 @@ def test_bad_arguments():
     model = tiny()
     with pytest.raises(ValueError, match="targets"):
         model.train()(batch()[0])
+
+
+# ------------------------------------------------------------------ Mask R-CNN, keypoint R-CNN
+
+
+def test_parameter_counts_match_torchvision_mask_and_keypoint_rcnn_resnet50_fpn():
+    # DESIGN.md: maskrcnn_resnet50_fpn (91 classes incl. background) and
+    # keypointrcnn_resnet50_fpn (2 classes incl. background, 17 keypoints), plain BatchNorm.
+    mask = create_model("mask_rcnn_r50_fpn", num_classes=90, norm="batch")
+    assert count_parameters(mask) == 44_454_513
+    assert mask.has_masks and mask.keypoint_head is None
+    keypoint = create_model("keypoint_rcnn_r50_fpn", num_classes=1, norm="batch")
+    assert count_parameters(keypoint) == 59_190_378
+    assert keypoint.num_keypoints == 17 and keypoint.mask_head is None
+
+
+def instance_batch(sizes=((64, 64), (64, 64))):
+    """``batch`` with an ellipse inscribed in each box (drawn in the image, and its mask) and
+    two keypoints per object: the ellipse's left-most and right-most points."""
+    images, targets = batch(sizes)
+    for image, target, (h, w) in zip(images, targets, sizes, strict=True):
+        image.mul_(0.3)
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        masks, points = [], []
+        for x1, y1, x2, y2 in target["boxes"].tolist():
+            cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            inside = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+            image[:, inside] = 1.0
+            masks.append(inside.to(torch.uint8))
+            points.append([[x1 + 0.5, cy, 2.0], [x2 - 0.5, cy, 2.0]])
+        target["masks"] = torch.stack(masks)
+        target["keypoints"] = torch.tensor(points)
+    return images, targets
+
+
+def check_inside_boxes(det, points):
+    """``points [D, K, 2]`` lie in their detection's box."""
+    b = det["boxes"][:, None]
+    assert ((points >= b[..., :2] - 1e-4) & (points <= b[..., 2:] + 1e-4)).all()
+
+
+def test_tiny_mask_rcnn_trains_and_pastes_masks_in_original_coordinates():
+    model = tiny(mask=True, mask_channels=16)
+    assert model.has_masks and model.mask_head.logits.out_channels == 4
+    images, targets = instance_batch()
+    history = train(model, images, targets, steps=12)
+    keys = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    assert all(k == keys for k, _ in history)
+    totals = [v for _, v in history]
+    assert statistics.median(totals[-5:]) < 0.7 * totals[0], [round(v, 3) for v in totals]
+
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    sizes = [(50, 70), (90, 40)]
+    images, _ = instance_batch(sizes)
+    with torch.no_grad():
+        out = model(images)
+        lean = model(images, paste_masks=False)
+    for det, thin, (h, w) in zip(out, lean, sizes, strict=True):
+        assert set(det) == {"boxes", "labels", "scores", "mask_probs", "masks"}
+        assert set(thin) == set(det) - {"masks"}
+        n = det["boxes"].shape[0]
+        assert n > 0 and det["mask_probs"].shape == (n, 1, 28, 28)
+        assert det["masks"].shape == (n, 1, h, w) and det["masks"].dtype == torch.float32
+        assert ((det["mask_probs"] >= 0) & (det["mask_probs"] <= 1)).all()
+        torch.testing.assert_close(det["mask_probs"], thin["mask_probs"])
+        # The masks lie in their boxes, which are in the original image's coordinates.
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        b = det["boxes"][:, :, None, None]
+        inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
+        assert (det["masks"][:, 0][~inside] == 0).all() and det["masks"].amax() > 0
+
+
+def test_tiny_keypoint_rcnn_trains_and_predicts_keypoints_in_original_coordinates():
+    model = tiny(num_keypoints=2, keypoint_channels=16, keypoint_convs=2)
+    assert model.keypoint_head is not None and not model.has_masks
+    images, targets = instance_batch()
+    history = train(model, images, targets, steps=12)
+    keys = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    assert all(k == keys | {"loss_keypoint"} for k, _ in history)
+    # The keypoint loss of a few RoIs jumps when a new RoI comes in: the median is the trend.
+    totals = [v for _, v in history]
+    assert statistics.median(totals[-5:]) < 0.75 * totals[0], [round(v, 3) for v in totals]
+
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    sizes = [(50, 70), (90, 40)]
+    with torch.no_grad():
+        out = model(instance_batch(sizes)[0])
+    for det, (h, w) in zip(out, sizes, strict=True):
+        extra = {"keypoints", "keypoints_scores", "keypoint_heatmaps"}
+        assert set(det) == {"boxes", "labels", "scores"} | extra
+        n = det["boxes"].shape[0]
+        assert n > 0 and det["keypoints"].shape == (n, 2, 3)
+        assert det["keypoints_scores"].shape == (n, 2)
+        assert det["keypoint_heatmaps"].shape == (n, 2, 56, 56)
+        check_inside_boxes(det, det["keypoints"][..., :2])  # both mapped back alike
+        assert det["keypoints"][..., 0].max() <= w and det["keypoints"][..., 1].max() <= h
+
+
+def test_instance_heads_on_the_c4_map_with_roi_pool():
+    model = tiny(
+        head="c4",
+        roi_op="pool",
+        roi_output_size=6,
+        anchor_sizes=[16, 32, 64],
+        mask=True,
+        mask_channels=8,
+        num_keypoints=2,
+        keypoint_channels=8,
+        keypoint_convs=1,
+    )
+    assert model.mask_head.pooler.featmap_names == ["c4"] and model.mask_head.pooler.op == "pool"
+    assert model.mask_head.convs[0][0].in_channels == 32  # C4 of the tiny ResNet-18
+    images, targets = instance_batch()
+    history = train(model, images, targets, steps=2)
+    assert all({"loss_mask", "loss_keypoint"} <= k for k, _ in history)
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in history)
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        det = model(images[:1])[0]
+    n = det["boxes"].shape[0]
+    assert det["masks"].shape == (n, 1, 64, 64) and det["keypoints"].shape == (n, 2, 3)
+
+
+def test_mask_and_keypoint_targets_are_required_with_their_heads():
+    images, targets = instance_batch()
+    model = tiny(mask=True, mask_channels=8).train()
+    with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\]"):
+        model(images, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+    wrong = [{**t, "masks": t["masks"][:, :32]} for t in targets]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\].*\[2, 64, 64\]"):
+        model(images, wrong)
+    model = tiny(num_keypoints=3, keypoint_channels=8, keypoint_convs=1).train()
+    with pytest.raises(ValueError, match=r"targets\[0\]\['keypoints'\].*\[2, 3, 3\]"):
+        model(images, targets)
+
+
+def test_registry_lists_mask_and_keypoint_rcnn():
+    for name, family in [
+        ("mask_rcnn_r18_fpn", "mask_rcnn"),
+        ("mask_rcnn_r50_fpn", "mask_rcnn"),
+        ("keypoint_rcnn_r18_fpn", "keypoint_rcnn"),
+        ("keypoint_rcnn_r50_fpn", "keypoint_rcnn"),
+    ]:
+        assert name in list_models(family) and "detection" in model_info(name).tags
+    lite = create_model("mask_rcnn_r18_fpn", num_classes=10)
+    assert lite.has_masks and (lite.min_size, lite.mask_head.logits.out_channels) == (128, 11)
+    kp = create_model("keypoint_rcnn_r18_fpn", num_classes=10)
+    assert kp.num_keypoints == 4 and kp.keypoint_head.heatmap_size == 56
+    gn = tiny(
+        norm="group",
+        norm_groups=4,
+        mask=True,
+        mask_channels=8,
+        num_keypoints=2,
+        keypoint_channels=8,
+        keypoint_convs=1,
+    )
+    for head in (gn.mask_head, gn.keypoint_head):
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())

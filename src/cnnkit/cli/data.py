@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         DEFAULT_IMAGES,
         DEFAULT_SIZE,
         DEFAULT_VAL_IMAGES,
+        MAX_IMAGES,
         MAX_SIZE,
         MIN_SIZE,
     )
@@ -30,13 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("out", metavar="OUT", help="directory to create (must not exist or be empty)")
     s.add_argument(
-        "--images", type=int, default=DEFAULT_IMAGES, help=f"training scenes ({DEFAULT_IMAGES})"
+        "--images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        help=f"training scenes, at most {MAX_IMAGES:,} ({DEFAULT_IMAGES})",
     )
     s.add_argument(
         "--val-images",
         type=int,
         default=DEFAULT_VAL_IMAGES,
-        help=f"val scenes ({DEFAULT_VAL_IMAGES})",
+        help=f"val scenes, at most {MAX_IMAGES:,} ({DEFAULT_VAL_IMAGES})",
     )
     s.add_argument(
         "--size",

@@ -4,6 +4,7 @@
     cnnkit detect evaluate RUN_DIR [--data SPEC]
     cnnkit detect predict RUN_DIR IMAGE... [--out DIR] [--score-threshold T]
     cnnkit detect proposals RUN_DIR [--data SPEC] --out FILE
+    cnnkit detect explain RUN_DIR IMAGE [--out DIR] [--annotations COCO_JSON]
 
 ``--data`` is ``scenes[:SEED]`` (the synthetic digit scenes, generated into a cache on first
 use: the default), ``coco:ROOT`` or ``voc:ROOT``. Training runs on the engine of `cnnkit train`
@@ -21,6 +22,9 @@ DEFAULT_MODEL = "faster_rcnn_r18_fpn_lite"
 DEFAULT_DATA = "scenes"
 # The scenes recipe (README, "Detection"): measured on an AMX Xeon, 2 cores.
 DETECT_EPOCHS = 20
+# Mask and keypoint R-CNN take longer steps: fewer epochs keep the recipe within 20 minutes.
+INSTANCE_EPOCHS = 14
+INSTANCE_FAMILIES = ("mask_rcnn", "keypoint_rcnn")
 DETECT_LR = 0.02
 DETECT_DECAY = 1e-4
 DETECT_WARMUP = 0.5
@@ -46,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_evaluate(cmds)
     _register_predict(cmds)
     _register_proposals(cmds)
+    _register_explain(cmds)
 
 
 def _register_train(cmds: argparse._SubParsersAction) -> None:
@@ -116,7 +121,9 @@ def _register_train(cmds: argparse._SubParsersAction) -> None:
     )
     add_optimization_args(
         p,
-        epochs=DETECT_EPOCHS,
+        epochs=None,
+        epochs_help=f"passes over the training split (default: {DETECT_EPOCHS}; "
+        f"{INSTANCE_EPOCHS} for Mask and keypoint R-CNN, whose steps take longer)",
         batch_size=8,
         lr_batch=16,
         lr_help=f"default: {DETECT_LR} for sgd (a batch of 16), 1e-4 for adamw",
@@ -127,9 +134,19 @@ def _register_train(cmds: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train, task="detection", compile="off", **_NOT_DETECTION)
 
 
+def default_epochs(model: str) -> int:
+    """``--epochs``' default: the scenes recipe's length for ``model``'s family."""
+    from cnnkit.models.registry import model_info
+
+    family = model_info(model).family
+    return INSTANCE_EPOCHS if family in INSTANCE_FAMILIES else DETECT_EPOCHS
+
+
 def _detect_config(args: argparse.Namespace):
     from cnnkit.cli.train import config_from_args
 
+    if args.epochs is None:
+        args.epochs = default_epochs(args.model)
     if args.lr is None and args.optimizer == "sgd":
         args.lr = DETECT_LR
     if args.weight_decay is None and args.optimizer == "sgd":
@@ -151,9 +168,31 @@ def _register_evaluate(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of `cnnkit detect train`")
     p.add_argument("--data", metavar="SPEC", help="data to evaluate on (default: the run's own)")
     p.add_argument("--proposals", metavar="FILE", help="proposals (Fast R-CNN models)")
+    p.add_argument(
+        "--kpt-sigmas",
+        type=_sigmas,
+        metavar="S,S,...",
+        help="OKS sigma of each keypoint (default: the data set's category keypoint_sigmas, "
+        "else COCO's 17 person values)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", metavar="DIR", help="where to write the outputs (default: RUN_DIR)")
     p.set_defaults(func=run_evaluate)
+
+
+def _sigmas(text: str) -> list[float]:
+    """``--kpt-sigmas 0.05,0.05,...``: positive finite numbers."""
+    import math
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"sigmas must be positive finite numbers, got {text!r}")
+    return values
 
 
 def _load_run(run_dir: str):
@@ -169,7 +208,36 @@ def _load_run(run_dir: str):
     for key in ("classes", "label_to_category"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{path / 'config.json'}: field 'data.{key}' is missing or not a list")
-    return load_model(path), config
+    _check_run_fields(path / "config.json", config)
+    model = load_model(path)
+    k = getattr(model, "num_classes", len(data["classes"]))
+    if k != len(data["classes"]):
+        raise ValueError(
+            f"{path / 'config.json'}: field 'data.classes' names {len(data['classes'])} "
+            f"class(es), the model has {k}"
+        )
+    return model, config
+
+
+def _check_run_fields(source: Path, config: dict) -> None:
+    """The fields of a detection run's config.json that evaluate / predict / proposals read
+    besides the model's: class names (strings), label -> category id (K + 1 integers), the
+    training's proposals file (a path or null); ValueError naming the field."""
+    from cnnkit.data.annotation_checks import is_int
+
+    classes, mapping = config["data"]["classes"], config["data"]["label_to_category"]
+    if not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{source}: field 'data.classes' must be class names (strings)")
+    if len(mapping) != len(classes) + 1 or not all(
+        is_int(c) and -(2**63) <= c < 2**63 for c in mapping
+    ):
+        raise ValueError(
+            f"{source}: field 'data.label_to_category' must be {len(classes) + 1} integers (the "
+            "background's -1, then the category id of each of 'data.classes')"
+        )
+    proposals = (config.get("train") or {}).get("proposals")
+    if proposals is not None and not isinstance(proposals, str):
+        raise ValueError(f"{source}: field 'train.proposals' must be a file name or null")
 
 
 def _task_for(config: dict, data_spec: str | None, proposals: str | None, device: str):
@@ -208,8 +276,10 @@ class _One:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.cli.runs import _device
-    from cnnkit.train.detect_eval import write_evaluation
+    from cnnkit.train.detect_eval import iou_types, write_evaluation
 
+    if args.out:
+        _check_out_dir(Path(args.out))
     device = _device(args.device)
     model, config = _load_run(args.run_dir)
     task = _task_for(config, args.data, args.proposals, device)
@@ -217,11 +287,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model.to(device)
     results = task.predict_split(model, "val")
     out = Path(args.out) if args.out else Path(args.run_dir)
-    coco, voc, _ = write_evaluation(out, task.data.val.coco_gt(), results)
-    print(coco.summary())
-    print()
-    print(coco.per_class_table())
-    print()
+    cocos, voc, _ = write_evaluation(
+        out, task.data.val.coco_gt(), results, iou_types(model), kpt_sigmas=args.kpt_sigmas
+    )
+    for iou_type, coco in cocos.items():
+        print(f"{iou_type}:")
+        print(coco.summary())
+        print()
+        print(coco.per_class_table())
+        print()
     print(voc.summary())
     print(f"wrote {out / 'evaluation.json'}, {out / 'detections.json'} and the PR curves")
     return 0
@@ -259,6 +333,8 @@ def _read_rgb(path: str):
 
     from cnnkit.data.streaming import _read_errors, to_uint8_mode
 
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory; give image files (e.g. {path}/*.png)")
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such image file")
     try:
@@ -277,16 +353,52 @@ def picture_names(paths: list[str]) -> list[str]:
     return [f"{s}-{i}.png" if s in clash else f"{s}.png" for i, s in enumerate(stems)]
 
 
+def _pasted(pred: dict):
+    """The detections' masks pasted into the image, ``[D, H, W]`` probabilities (None for a
+    model without a mask head)."""
+    if "mask_probs" not in pred:
+        return None
+    from cnnkit.detection.paste import paste_masks
+
+    return paste_masks(pred["mask_probs"], pred["boxes"], pred["image_size"])[:, 0].numpy()
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out DIR``, before any work: a directory, or a name that one can be made at."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a directory")
+
+
+def _check_predict_out(out: Path) -> None:
+    """``--out`` of predict: a directory (made if missing) that holds no run, whose files
+    (detections.json, curves.png, ...) the pictures and results would replace."""
+    from cnnkit.train.rundir import run_markers
+
+    _check_out_dir(out)
+    found = run_markers(out) if out.is_dir() else []
+    if found:
+        raise ValueError(
+            f"--out {out} holds a run ({', '.join(found)}), whose files the pictures and "
+            "detections.json would replace; give another --out"
+        )
+
+
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
     from cnnkit.atomic import atomic_write_text
     from cnnkit.cli.runs import _device
     from cnnkit.train.detect_eval import predict_batch, to_results
-    from cnnkit.viz import draw_detections
+    from cnnkit.viz import draw_instances
 
     if not 0 <= args.score_threshold <= 1:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    _check_predict_out(Path(args.out))
     device = torch.device(_device(args.device))
     model, config = _load_run(args.run_dir)
     if not model.has_rpn:
@@ -305,14 +417,17 @@ def run_predict(args: argparse.Namespace) -> int:
     ):
         pred = predict_batch(model, [image], device=device, precision="fp32")[0]
         keep = pred["scores"] >= args.score_threshold
-        pred = {k: v[keep] for k, v in pred.items()}
+        pred = {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in pred.items()}
         results += [dict(r, file_name=path) for r in to_results([pred], [i], mapping)]
-        draw_detections(
+        draw_instances(
             image.permute(1, 2, 0).numpy(),
             pred["boxes"].numpy(),
             [classes[int(label) - 1] for label in pred["labels"]],
-            pred["scores"].numpy(),
             out / name,
+            scores=pred["scores"].numpy(),
+            masks=_pasted(pred),
+            keypoints=pred["keypoints"].numpy() if "keypoints" in pred else None,
+            skeleton=config["data"].get("skeleton") or None,
             classes=classes,  # one colour per class across the pictures
         )
         print(f"{path}: {int(keep.sum())} detection(s) -> {out / name}")
@@ -335,6 +450,27 @@ def _register_proposals(cmds: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_proposals)
 
 
+def _check_proposals_out(out: Path) -> None:
+    """``--out`` of proposals, before the inference: a file name (not a directory), in a
+    folder (made if missing), and not a file of a run directory."""
+    from cnnkit.train.detect_eval import DETECTIONS_NAME
+    from cnnkit.train.rundir import RUN_FILES, run_markers
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the .json or .npz file to write")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():  # (a file where a folder of the path would be)
+        raise ValueError(f"--out {out}: {parent} is not a directory")
+    if (
+        out.name in (*RUN_FILES, DETECTIONS_NAME)
+        and out.parent.is_dir()
+        and run_markers(out.parent)
+    ):
+        raise ValueError(f"--out {out} is a file of the run in {out.parent}; give another name")
+
+
 def run_proposals(args: argparse.Namespace) -> int:
     import torch
 
@@ -343,6 +479,7 @@ def run_proposals(args: argparse.Namespace) -> int:
     from cnnkit.data.proposals import write_proposals
     from cnnkit.data.streaming import EvalBatchSampler
 
+    _check_proposals_out(Path(args.out))
     device = _device(args.device)
     model, config = _load_run(args.run_dir)
     if not getattr(model, "has_rpn", False):
@@ -368,4 +505,129 @@ def run_proposals(args: argparse.Namespace) -> int:
                 table[int(t["image_id"])] = b.float().cpu().numpy()
     write_proposals(args.out, table)
     print(f"wrote proposals of {len(table)} images to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _register_explain(cmds: argparse._SubParsersAction) -> None:
+    from cnnkit.cli.train import _positive_int
+
+    p = cmds.add_parser(
+        "explain",
+        help="a detector's pipeline on one image, stage by stage, as pictures",
+        description="Draw what each stage of a Faster / Mask / keypoint R-CNN does on one image "
+        "(the anchors matched to each ground-truth box, the RPN's proposals before and after "
+        "NMS, the RoIs a training step samples, the class-specific boxes before and after "
+        "per-class NMS, the masks and keypoint heatmaps of the top detections) into DIR, with "
+        "an index.md saying what each picture shows.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of `cnnkit detect train`")
+    p.add_argument("image", metavar="IMAGE", help="an image file (png, jpg, ...)")
+    p.add_argument("--out", metavar="DIR", default="explain", help="output folder")
+    p.add_argument(
+        "--annotations",
+        metavar="COCO_JSON",
+        help="COCO instances file with the image's boxes (its entry found by file name): adds "
+        "the anchors matched to each box and the RoIs a training step would sample",
+    )
+    p.add_argument(
+        "--top", type=_positive_int, default=50, metavar="N", help="boxes drawn per stage"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=run_explain)
+
+
+def _coco_target(annotations: str, image_path: str, size: tuple[int, int], mapping: list[int]):
+    """The ground truth of the image file ``image_path`` (``size = (h, w)``) in the COCO file
+    ``annotations``: its entry is the one whose ``file_name`` ends in the image's name; boxes
+    xyxy (clipped, as training reads them), the run's labels (``mapping``: label -> category
+    id), ``iscrowd``. ValueError naming the file and the entry otherwise."""
+    import numpy as np
+    import torch
+
+    from cnnkit.data.annotation_checks import box_problem, box_rows, clipped_xyxy, valid_boxes
+    from cnnkit.data.coco_source import read_json
+
+    source, image = Path(annotations), Path(image_path)
+    # COCO's layouts keep annotations/instances_val2017.json's images in val2017/ (the scenes':
+    # instances_val.json, val/): file names repeat across splits, so check the folder too.
+    folder = source.parent.parent / source.stem.removeprefix("instances_")
+    layout = source.parent.name == "annotations" and folder.is_dir()
+    if layout and image.resolve().parent != folder.resolve():
+        raise ValueError(
+            f"--annotations {annotations} describes the images in {folder}, and {image_path} "
+            "is not one of them"
+        )
+    data = read_json(source)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"--annotations {annotations}: not a COCO file (no 'images' list)")
+    name = image.name
+    entries = [
+        e for e in images if isinstance(e, dict) and Path(str(e.get("file_name", ""))).name == name
+    ]
+    if len(entries) != 1:
+        how = "no image entry" if not entries else f"{len(entries)} image entries"
+        raise ValueError(f"--annotations {annotations}: {how} with the file name {name!r}")
+    entry = entries[0]
+    h, w = size
+    if (entry.get("height"), entry.get("width")) != (h, w):
+        raise ValueError(
+            f"--annotations {annotations}: image id {entry.get('id')} ({name}) is "
+            f"{entry.get('width')} x {entry.get('height')} there but {image_path} is {w} x {h}"
+        )
+    anns = [
+        a
+        for a in data.get("annotations") or []
+        if isinstance(a, dict) and a.get("image_id") == entry.get("id")
+    ]
+    xywh = box_rows([a.get("bbox") for a in anns])
+    ok = valid_boxes(xywh, np.full(len(anns), w), np.full(len(anns), h))
+    label_of = {c: label for label, c in enumerate(mapping) if label > 0}
+    for a, row, good in zip(anns, xywh, ok, strict=True):
+        where = f"--annotations {annotations}: annotation id {a.get('id')} ({name})"
+        if not good:
+            raise ValueError(f"{where}: {box_problem(a.get('bbox'), row, w, h)}")
+        if a.get("category_id") not in label_of:
+            raise ValueError(
+                f"{where}: category_id {a.get('category_id')!r} is not one of the model's "
+                "categories (the run's data.label_to_category)"
+            )
+    return {
+        "boxes": torch.from_numpy(clipped_xyxy(xywh, w, h).astype(np.float32)).reshape(-1, 4),
+        "labels": torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+        "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+    }
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnkit.cli.runs import _device
+    from cnnkit.detection.explain import explain, write_explanation
+
+    device = torch.device(_device(args.device))
+    model, config = _load_run(args.run_dir)
+    if not model.has_rpn:
+        raise ValueError(
+            f"{args.run_dir}: a Fast R-CNN model gets its proposals from outside; explain runs "
+            "a model with an RPN (Faster, Mask or keypoint R-CNN)"
+        )
+    image = _read_rgb(args.image)
+    size = (int(image.shape[1]), int(image.shape[2]))
+    target = None
+    if args.annotations:
+        mapping = config["data"]["label_to_category"]
+        target = _coco_target(args.annotations, args.image, size, mapping)
+    model.to(device)
+    expl = explain(model, image, target, top=args.top)
+    written = write_explanation(
+        expl, image.permute(1, 2, 0).numpy(), args.out, config["data"]["classes"]
+    )
+    for path in written:
+        print(path)
+    if target is None:
+        print("(no --annotations: the anchors matched to the boxes and the sampled RoIs need them)")
     return 0

@@ -178,7 +178,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_optimization_args(
     p: argparse.ArgumentParser,
     *,
-    epochs: int = 30,
+    epochs: int | None = 30,
+    epochs_help: str = "passes over the training split",
     batch_size: int = 128,
     lr_batch: int = 128,
     lr_help: str = "default: 0.1 for sgd, 1e-3 for adamw",
@@ -188,7 +189,7 @@ def add_optimization_args(
     """The optimization flags, shared by `cnnkit train` and `cnnkit detect train` (each with its
     own defaults)."""
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
+    g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
     g.add_argument(
         "--lr",

@@ -11,14 +11,22 @@ The rules:
   up to :data:`BOX_TOLERANCE` pixels on each side (annotation tools and rounding leave boxes a
   fraction of a pixel outside; the reader clips them), and still of positive size once clipped;
 * segmentation: polygons (a non-empty list of even-length lists of >= 6 finite numbers: at
-  least 3 points) or an RLE dict ``{"size": [H, W], "counts": str | [int, ...]}`` of the
-  image's size (uncompressed counts: non-negative integers adding up to ``H * W``);
+  least 3 points, each coordinate within ``-S..2S`` for the image's longer side ``S``: pycocotools
+  rasterizes a polygon in time proportional to its extent, minutes at 10^8 px, and crashes
+  beyond) or an RLE dict ``{"size": [H, W], "counts": str | [int, ...]}`` of the
+  image's size (uncompressed counts: non-negative integers adding up to ``H * W``; compressed
+  counts: pycocotools' string of 6-bit characters, whose runs must add up to ``H * W`` too);
 * keypoints: ``3K`` finite numbers ``(x, y, v)`` with ``K`` the category's keypoint count and
-  visibility ``v`` in ``{0, 1, 2}`` (COCO: 0 not labelled, 1 labelled but hidden, 2 visible).
+  visibility ``v`` in ``{0, 1, 2}`` (COCO: 0 not labelled, 1 labelled but hidden, 2 visible),
+  coordinates within float32's range (the keypoints are held as float32).
+
+A number is a JSON number: not a boolean, not a string, and finite (an integer beyond float64's
+range is not).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +35,9 @@ import numpy as np
 
 # Boxes may stick out of the image by this many pixels (then they are clipped).
 BOX_TOLERANCE = 1.0
+# The largest image side an annotation file may declare (PIL's images are int32-sized).
+MAX_IMAGE_SIDE = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Problems:
@@ -57,12 +68,13 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    """A finite JSON number (not a boolean)."""
-    return (
-        isinstance(v, (int, float, np.integer, np.floating))
-        and not isinstance(v, (bool, np.bool_))
-        and math.isfinite(v)
-    )
+    """A finite JSON number (not a boolean; not an integer beyond float64's range)."""
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range (JSON allows 1e400 written out)
+        return False
 
 
 def _all_numbers(values: list[Any]) -> bool:
@@ -83,9 +95,14 @@ def box_rows(values: list[Any]) -> np.ndarray:
     """``float64 [A, 4]`` of the ``bbox`` fields; a row that is not 4 numbers is NaN (so the
     box check reports it)."""
     try:
-        # Without a dtype numpy keeps strings ("3" -> '<U1') and booleans apart from numbers.
+        # Without a dtype numpy keeps strings ("3" -> '<U1') apart from numbers, but not a
+        # boolean among numbers ([true, 1, 2, 2] -> int64): those rows take the slow path.
         rows = np.array(values)
-        if rows.shape == (len(values), 4) and rows.dtype.kind in "iuf":
+        if (
+            rows.shape == (len(values), 4)
+            and rows.dtype.kind in "iuf"
+            and bool not in set(map(type, itertools.chain.from_iterable(values)))
+        ):
             rows = rows.astype(np.float64)
             return np.where(np.isfinite(rows), rows, np.nan)
     except (TypeError, ValueError, OverflowError):
@@ -146,7 +163,13 @@ def segmentation_problem(segm: Any, height: int, width: int) -> str | None:
             )
         if not _all_numbers(part):
             bad = next(v for v in part if not is_number(v))
-            return f"segmentation[{j}]: {bad!r} is not a finite number"
+            return f"segmentation[{j}]: {_short(bad)} is not a finite number"
+        reach = max(height, width)
+        if min(part) < -reach or max(part) > 2 * reach:
+            return (
+                f"segmentation[{j}]: a point lies far outside the {width} x {height} image "
+                f"(coordinates must be within -{reach}..{2 * reach})"
+            )
     return None
 
 
@@ -159,13 +182,51 @@ def _rle_problem(segm: dict[str, Any], height: int, width: int) -> str | None:
     if list(size) != [height, width]:
         return f"segmentation: RLE size {list(size)} differs from the image's [{height}, {width}]"
     if isinstance(counts, str):
-        return None if counts.isascii() else "segmentation: compressed RLE counts must be ASCII"
+        return _compressed_rle_problem(counts, height * width)
     if not isinstance(counts, list) or not all(is_int(c) and c >= 0 for c in counts):
         return "segmentation: RLE counts must be a compressed string or non-negative integers"
     if sum(counts) != height * width:
         return (
             f"segmentation: RLE counts cover {sum(counts)} pixels, the image has "
             f"{height} x {width} = {height * width}"
+        )
+    return None
+
+
+def _compressed_rle_problem(counts: str, pixels: int) -> str | None:
+    """Why ``counts`` is not a compressed RLE of ``pixels`` pixels (None if it is).
+
+    pycocotools' format (``rleFrString``): each run length is a little-endian sequence of
+    6-bit groups, one character (``chr(48 + group)``) each, 5 bits of value and a continuation
+    bit (0x20); the last group's 0x10 bit is the sign; from the third run on, a run is stored as
+    its difference to the run two before. pycocotools decodes a string whose runs fall short of
+    the image without a word (the rest of the mask is uninitialized memory), so check it here.
+    """
+    if not counts.isascii():
+        return "segmentation: compressed RLE counts must be ASCII"
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        group = ord(char) - 48
+        if not 0 <= group < 64:
+            return f"segmentation: {char!r} is not a character of compressed RLE counts"
+        value |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return f"segmentation: compressed RLE counts decode to a negative run ({value})"
+        runs.append(value)
+        value = shift = 0
+    if shift:
+        return "segmentation: compressed RLE counts end in the middle of a run"
+    if sum(runs) != pixels:
+        return (
+            f"segmentation: compressed RLE counts cover {sum(runs)} pixels, the image has {pixels}"
         )
     return None
 
@@ -177,7 +238,10 @@ def keypoints_problem(values: Any, k: int) -> str | None:
         return f"keypoints must be 3 x {k} numbers (x, y, visibility per keypoint), got {n}"
     if not _all_numbers(values):
         bad = next(v for v in values if not is_number(v))
-        return f"keypoints: {bad!r} is not a finite number"
+        return f"keypoints: {_short(bad)} is not a finite number"
+    if max(map(abs, values), default=0) > _FLOAT32_MAX:
+        bad = next(v for v in values if abs(v) > _FLOAT32_MAX)
+        return f"keypoints: {_short(bad)} is beyond float32's range"
     bad_v = [v for v in values[2::3] if v not in (0, 1, 2)]
     if bad_v:
         return f"keypoints: visibility must be 0, 1 or 2, got {bad_v[0]!r}"

@@ -10,7 +10,9 @@ Categories get the contiguous labels 1..K in the order of their ids (COCO's 80 c
 1..90 with gaps, become labels 1..80, as in detectron2). Both splits must list the same
 categories. The rules for each entry are :mod:`cnnkit.data.annotation_checks`'; besides,
 an image entry needs an integer id, a ``file_name`` that exists under the image folder and
-positive integer ``width`` / ``height``; an annotation needs an integer ``id`` (ids unique
+positive integer ``width`` / ``height`` (at most ``MAX_IMAGE_SIDE``); a category needs an
+integer id and, if it has one, a string ``name`` of its own (names are how per-class results and
+predictions are labelled); an annotation needs an integer ``id`` (ids unique
 in the file: they are how errors and evaluations name annotations), an ``image_id`` and a
 ``category_id`` of the file. A missing ``iscrowd`` is 0, a missing ``area`` the box's area.
 Repeated image / annotation / category ids and malformed categories are errors even with
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit.data.annotation_checks import (
+    MAX_IMAGE_SIDE,
     Problems,
     box_problem,
     box_rows,
@@ -72,6 +75,10 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
+    except ValueError as err:  # an integer of more than 4300 digits
+        raise ValueError(f"{path}: not usable JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not usable JSON: nested too deeply") from None
 
 
 def read_categories(records: Any, source: Path) -> tuple[Category, ...]:
@@ -79,12 +86,18 @@ def read_categories(records: Any, source: Path) -> tuple[Category, ...]:
     if not isinstance(records, list) or not records:
         raise ValueError(f"{source}: 'categories' must be a non-empty list")
     for i, c in enumerate(records):
-        if not isinstance(c, Mapping) or not is_int(c.get("id")):
-            raise ValueError(f"{source}: categories[{i}] needs an integer 'id'")
+        if not isinstance(c, Mapping) or not _is_id(c.get("id")):
+            raise ValueError(f"{source}: categories[{i}] needs an integer 'id' (64-bit)")
+        if not isinstance(c.get("name", ""), str):
+            raise ValueError(f"{source}: category id {c['id']}: 'name' must be a string")
     ids = [int(c["id"]) for c in records]
     if len(set(ids)) != len(ids):
         dup = next(v for v in ids if ids.count(v) > 1)
         raise ValueError(f"{source}: category id {dup} appears more than once")
+    names = [str(c.get("name", c["id"])) for c in records]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{source}: category name {dup!r} belongs to more than one category id")
     ordered = sorted(records, key=lambda c: int(c["id"]))
     return tuple(_category(c, label, source) for label, c in enumerate(ordered, start=1))
 
@@ -131,8 +144,11 @@ def _image_problem(entry: Any, image_dir: Path) -> str | None:
     if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
         return "needs a 'file_name'"
     for key in ("width", "height"):
-        if not (is_int(entry.get(key)) and entry[key] > 0):
-            return f"'{key}' must be a positive integer, got {entry.get(key)!r}"
+        if not (is_int(entry.get(key)) and 0 < entry[key] <= MAX_IMAGE_SIDE):
+            return (
+                f"'{key}' must be a positive integer (at most {MAX_IMAGE_SIDE}), "
+                f"got {entry.get(key)!r}"
+            )
     path = image_dir / entry["file_name"]
     if not path.is_file():
         return f"image file {path} not found"
@@ -349,7 +365,9 @@ class _Annotations:
         missing = np.fromiter((v is None for v in raw), dtype=bool, count=len(self))
         self.area[missing] = box_area[missing]
         self._check(
-            "area", self.area < 0, lambda i: f"area must be a finite number >= 0, got {raw[i]!r}"
+            "area",
+            self.area < 0,
+            lambda i: f"area must be a finite number >= 0, got {raw[i]!r:.80}",
         )
 
     def __len__(self) -> int:

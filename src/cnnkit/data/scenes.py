@@ -41,6 +41,7 @@ could be generated in any order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -63,6 +64,11 @@ DEFAULT_IMAGES = 2000
 DEFAULT_VAL_IMAGES = 500
 DEFAULT_SIZE = 128
 MIN_SIZE, MAX_SIZE = 32, 4096
+# Scenes per split at most: 8x COCO's train2017, ~40 min of rendering on 2 cores, a few GB of
+# annotations held until the JSON is written. Beyond, the chunk list and annotations alone
+# exhaust memory (a typo of 10^11 was killed by the OOM killer, taking others with it), and
+# image ids would run into the val split's (SPLIT_ID_STRIDE).
+MAX_IMAGES = 1_000_000
 SPLITS = ("train", "val")
 CATEGORY_NAMES = tuple(str(d) for d in range(10))
 KEYPOINT_NAMES = ("top", "bottom", "left", "right")
@@ -123,15 +129,17 @@ def generate_scenes(
 
     Args:
         out: directory to create; it must not exist or be empty.
-        images: number of training scenes (>= 1).
-        val_images: number of val scenes (>= 1).
+        images: number of training scenes, ``1..MAX_IMAGES``.
+        val_images: number of val scenes, ``1..MAX_IMAGES``.
         size: side of the square images in pixels, ``MIN_SIZE..MAX_SIZE``.
         seed: non-negative seed; the same seed writes the same files.
         workers: processes rendering scenes (default: the usable CPUs, at most
             :data:`MAX_WORKERS`); the files do not depend on it.
 
     The data set is written into a temporary directory beside ``out`` and renamed to ``out``
-    when complete, so an interrupted run never leaves half a data set under ``out``.
+    when complete, so an interrupted run never leaves half a data set under ``out``; of two
+    processes writing the same ``out`` at once, one succeeds and the other says so. ``out``
+    gets the permissions of a new directory (``0o777`` less the umask).
 
     Returns:
         ``Path(out)``.
@@ -145,13 +153,29 @@ def generate_scenes(
     try:
         counts = {"train": images, "val": val_images}
         _write_dataset(tmp, counts, size, seed, workers or default_workers())
-        if out.is_dir():  # empty (checked above): rename replaces only a missing name everywhere
-            out.rmdir()
-        os.rename(tmp, out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the complete data set ``tmp`` to ``out`` (missing, or an empty directory)."""
+    from cnnkit.atomic import current_umask
+
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0o700
+    try:
+        if out.is_dir():  # empty (checked before): rename replaces only a missing name everywhere
+            out.rmdir()
+        os.rename(tmp, out)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ValueError(
+                f"{out}: another process wrote a data set there while this one was generating "
+                "(kept as it is); choose a new OUT"
+            ) from None
+        raise
 
 
 def scenes_root(seed: int = 0) -> Path:
@@ -165,6 +189,8 @@ def scenes_root(seed: int = 0) -> Path:
     ever see a complete data set; temporary directories left by a killed generator are
     removed by the next one.
     """
+    from cnnkit.atomic import current_umask
+
     _check_arguments(DEFAULT_IMAGES, DEFAULT_VAL_IMAGES, DEFAULT_SIZE, seed)
     root = cache_dir() / f"scenes-v{FORMAT_VERSION}-seed{seed}"
     if _is_complete(root):
@@ -183,6 +209,7 @@ def scenes_root(seed: int = 0) -> Path:
         try:
             counts = {"train": DEFAULT_IMAGES, "val": DEFAULT_VAL_IMAGES}
             _write_dataset(tmp, counts, DEFAULT_SIZE, seed, default_workers())
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0o700
             os.rename(tmp, root)
         except OSError:
             # A generator that did not take the lock (a file system without flock) finished
@@ -241,9 +268,14 @@ def _check_arguments(images: Any, val_images: Any, size: Any, seed: Any) -> None
         if value < low or (high is not None and value > high):
             allowed = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ValueError(f"{flag} {value}: must be {allowed}")
+    for flag, value in (("--images", images), ("--val-images", val_images)):
+        if value > MAX_IMAGES:
+            raise ValueError(f"{flag} {value}: must be at most {MAX_IMAGES} (scenes per split)")
 
 
 def _check_output(out: Path) -> None:
+    if out.is_symlink():  # the final rename would replace the link, not fill its target
+        raise ValueError(f"{out}: is a symbolic link; give the directory itself as OUT")
     if out.is_dir():
         if any(out.iterdir()):
             raise ValueError(f"{out}: directory exists and is not empty; choose a new OUT")

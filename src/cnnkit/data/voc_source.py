@@ -19,7 +19,13 @@ Conventions, the same as :mod:`cnnkit.evaluation.voc`:
   is digits with at most one "_" and no two names give the same number, otherwise 1..N over
   the sorted names of both splits; ``coco_gt`` keeps the name as "voc_id";
 * annotation ids: 1..A, train then val, in image and object order;
-* an image without ``<size>`` (or with 0) gets its size from the image file's header.
+* an image without ``<size>`` (or with 0, or a size no image has: not a whole number in
+  1..``MAX_IMAGE_SIDE``) gets its size from the image file's header.
+
+An image set file lists each image once, in UTF-8. The XML is parsed by the standard library's
+expat, which neither fetches external entities nor (expat >= 2.4.1) expands entities beyond a
+small amplification; besides, a file that declares an entity is refused (VOC annotations have
+no DTD), so "billion laughs" files are safe whatever expat the Python links.
 
 Every object is checked by :mod:`cnnkit.data.annotation_checks`' box rule, has a ``<name>``,
 and ``<difficult>`` 0 or 1 (absent: 0); errors name the XML file, the object's index and id,
@@ -35,11 +41,13 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.parsers import expat
 
 import numpy as np
 
-from cnnkit.data.annotation_checks import Problems, box_problem, valid_boxes
+from cnnkit.data.annotation_checks import MAX_IMAGE_SIDE, Problems, box_problem, valid_boxes
 from cnnkit.data.detection_split import Category, DetectionSplit, StringTable
+from cnnkit.data.streaming import _read_errors
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -93,8 +101,16 @@ def _check_root(root: Path) -> None:
 
 
 def _names(set_file: Path) -> list[str]:
-    with open(set_file, encoding="utf-8") as fh:
-        return [line.split()[0] for line in fh if line.strip()]
+    try:
+        with open(set_file, encoding="utf-8") as fh:
+            names = [line.split()[0] for line in fh if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{set_file}: not UTF-8 text ({err.reason})") from None
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))
+        raise ValueError(f"{set_file}: image {dup} is listed more than once")
+    return names
 
 
 def _number(node: ET.Element | None, key: str) -> float:
@@ -123,12 +139,30 @@ def _object(obj: ET.Element) -> _Object:
 def _size(doc: ET.Element, file: Path) -> tuple[int, int]:
     """``(width, height)`` from ``<size>``, else (absent or 0) from the image's header."""
     w, h = _number(doc.find("size"), "width"), _number(doc.find("size"), "height")
-    if w > 0 and h > 0 and w.is_integer() and h.is_integer():
+    if 0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE and w.is_integer() and h.is_integer():
         return int(w), int(h)
     from PIL import Image
 
     with Image.open(file) as im:  # reads the header only
         return im.size
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    """The root element of the XML file ``path``; ValueError naming it when it declares an
+    entity (checked by a first expat pass that stops at the declaration, before any
+    expansion), ``ParseError`` / ``ExpatError`` when it is not XML."""
+    data = path.read_bytes()
+    guard = expat.ParserCreate()
+
+    def refuse(name, *_):
+        raise ValueError(
+            f"{path}: declares the XML entity {name!r}; VOC annotations have none (refused: "
+            "entity expansion)"
+        )
+
+    guard.EntityDeclHandler = refuse
+    guard.Parse(data, True)
+    return ET.fromstring(data)
 
 
 def _read_image(root: Path, name: str, problems: Problems) -> _Image | None:
@@ -137,19 +171,23 @@ def _read_image(root: Path, name: str, problems: Problems) -> _Image | None:
         problems.add("images", f"voc:{root}: image {name}: no annotation file {xml}")
         return None
     try:
-        doc = ET.parse(xml).getroot()
-    except ET.ParseError as err:
+        doc = _parse_xml(xml)
+    except (ET.ParseError, expat.ExpatError) as err:
         problems.add("images", f"{xml}: not valid XML: {err}")
         return None
+    except ValueError as err:  # an entity declaration
+        problems.add("images", str(err))
+        return None
     file = root / "JPEGImages" / f"{name}.jpg"
-    if not file.is_file():
-        file = root / "JPEGImages" / (doc.findtext("filename") or "").strip()
+    given = Path((doc.findtext("filename") or "").strip())
+    if not file.is_file() and not given.is_absolute() and ".." not in given.parts:
+        file = root / "JPEGImages" / given  # (a file of JPEGImages/ only)
     if not file.is_file():
         problems.add("images", f"{xml}: image file {root / 'JPEGImages' / name}.jpg not found")
         return None
     try:
         width, height = _size(doc, file)
-    except (OSError, SyntaxError, ValueError) as err:
+    except _read_errors() as err:
         problems.add("images", f"{xml}: no <size>, and the image {file} is unreadable: {err}")
         return None
     objects = [_object(obj) for obj in doc.iter("object")]

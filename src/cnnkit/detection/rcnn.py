@@ -1,4 +1,5 @@
-"""Faster R-CNN (Ren et al., 2015) and Fast R-CNN (Girshick, 2015) as one configurable module.
+"""Faster R-CNN (Ren et al., 2015), Fast R-CNN (Girshick, 2015), Mask R-CNN (He et al., 2017)
+and keypoint R-CNN (the same paper, sec. 5) as one configurable module.
 
 The pipeline reads as torchvision's ``GeneralizedRCNN``::
 
@@ -9,11 +10,17 @@ level (one anchor size per level) and RoIs are pooled from the level of FPN eq. 
 two-layer MLP head. ``head="c4"``: the original ResNet design (He et al., 2016, appendix A): RPN
 and RoI pooling on C4 (stride 16), the last stage (C5) run on each pooled RoI as the box head.
 ``rpn=False`` is Fast R-CNN: the proposals come from outside (e.g. selective search, or a trained
-RPN's ``propose``).
+RPN's ``propose``). ``mask=True`` adds Mask R-CNN's mask branch and ``num_keypoints > 0`` the
+keypoint branch: heads on the positive RoIs in training and on the detections in inference
+(:class:`~cnnkit.detection.mask_head.MaskHead`,
+:class:`~cnnkit.detection.keypoint_head.KeypointHead`), pooling ``14 x 14`` RoIs from the same
+maps as the box branch.
 
 In training ``model(images, targets)`` returns named scalar losses; in eval ``model(images)``
 returns one dict per image (``boxes`` in original image coordinates, ``labels`` in ``1..K``,
-``scores``).
+``scores``; with a mask head ``mask_probs [D, 1, 28, 28]`` box-local and ``masks [D, 1, H, W]``
+pasted into the original image; with a keypoint head ``keypoints [D, K, 3]`` in original
+coordinates, ``keypoints_scores [D, K]`` and ``keypoint_heatmaps [D, K, 56, 56]``).
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ from torch import Tensor, nn
 from cnnkit.detection.anchors import AnchorGenerator
 from cnnkit.detection.backbone import Backbone
 from cnnkit.detection.fpn import FeaturePyramid
+from cnnkit.detection.keypoint_head import KeypointHead
+from cnnkit.detection.mask_head import MaskHead
+from cnnkit.detection.paste import paste_masks as paste_into_image
 from cnnkit.detection.roi_heads import (
     ROI_OPS,
     BoxPredictor,
+    InstanceHead,
     ResStageHead,
     RoIHeads,
     RoIPooler,
@@ -44,6 +55,9 @@ HEADS = ("fpn", "c4")
 # Anchor sizes of the two designs: one size per FPN level P2..P6 (FPN sec. 4.1), or all three
 # scales on the single C4 map (Faster R-CNN sec. 3.1.1: 128^2, 256^2, 512^2).
 DEFAULT_ANCHOR_SIZES = {"fpn": (32, 64, 128, 256, 512), "c4": (128, 256, 512)}
+# RoIAlign size of the mask and keypoint branches (Mask R-CNN, fig. 4: 14 x 14 -> 28 x 28 masks;
+# sec. 5: 56 x 56 keypoint heatmaps).
+INSTANCE_ROI_SIZE = 14
 
 
 class FasterRCNN(nn.Module):
@@ -62,10 +76,20 @@ class FasterRCNN(nn.Module):
     :class:`~cnnkit.detection.roi_heads.RoIHeads`). Transform: ``min_size``, ``max_size``,
     ``image_mean``, ``image_std``.
 
-    ``forward(images, targets=None, proposals=None)``: ``images`` a list of ``[3, H_i, W_i]``
-    float images in [0, 1]; ``targets`` per-image dicts (``boxes`` xyxy, ``labels``) in original
-    coordinates, required in training; ``proposals`` per-image ``[P_i, 4]`` in original
-    coordinates, required when ``rpn=False`` (ignored otherwise).
+    Instance heads: ``mask`` (Mask R-CNN's branch, ``mask_channels`` wide; 256 in the paper),
+    ``num_keypoints`` (0: none; else the keypoint branch, ``keypoint_convs`` convolutions of
+    ``keypoint_channels``; 8 x 512 in the paper). With ``norm="group"`` their convolutions get
+    GroupNorm (Wu & He); otherwise biases and no norm (torchvision's layout). Both pool with
+    ``roi_op`` (so RoIPool vs RoIAlign can be compared on masks, Mask R-CNN table 2c).
+
+    ``forward(images, targets=None, proposals=None, *, paste_masks=True)``: ``images`` a list of
+    ``[3, H_i, W_i]`` float images in [0, 1]; ``targets`` per-image dicts (``boxes`` xyxy,
+    ``labels``; ``masks`` uint8 ``[N, H_i, W_i]`` for a mask head, ``keypoints`` ``[N, K, 3]`` for
+    a keypoint head) in original coordinates, required in training; ``proposals`` per-image
+    ``[P_i, 4]`` in original coordinates, required when ``rpn=False`` (ignored otherwise).
+    ``paste_masks=False`` skips the dense ``masks`` (``[D, H, W]`` floats per image: 426 MB for
+    100 detections at 800 x 1333); ``mask_probs`` and the boxes are then what
+    :func:`~cnnkit.detection.paste.masks_to_rles` needs.
     """
 
     def __init__(
@@ -105,6 +129,11 @@ class FasterRCNN(nn.Module):
         max_size: int = 1333,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
+        mask: bool = False,
+        mask_channels: int = 256,
+        num_keypoints: int = 0,
+        keypoint_channels: int = 512,
+        keypoint_convs: int = 8,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -113,6 +142,12 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if roi_op not in ROI_OPS:
             raise ValueError(f"roi_op must be one of {ROI_OPS}, got {roi_op!r}")
+        if (
+            isinstance(num_keypoints, bool)
+            or not isinstance(num_keypoints, int)
+            or num_keypoints < 0
+        ):
+            raise ValueError(f"num_keypoints must be an integer >= 0, got {num_keypoints!r}")
         self.num_classes = num_classes
         self.min_size = min_size
         self.max_size = max_size
@@ -133,6 +168,7 @@ class FasterRCNN(nn.Module):
             rpn_channels = fpn_channels
             box_head: nn.Module = TwoMLPHead(fpn_channels * roi_output_size**2, representation_size)
             head_channels = representation_size
+            pooled_channels = fpn_channels
         else:
             self.fpn = None
             rpn_maps = pool_maps = ["c4"]
@@ -140,6 +176,7 @@ class FasterRCNN(nn.Module):
             last = getattr(self.backbone.body, self.backbone.stage_names[-1])
             box_head = ResStageHead(last, channels[-1], shared=True)
             head_channels = channels[-1]
+            pooled_channels = channels[-2]
         self._rpn_maps = rpn_maps
         sizes = list(DEFAULT_ANCHOR_SIZES[head] if anchor_sizes is None else anchor_sizes)
         ratios = [float(r) for r in aspect_ratios]
@@ -171,6 +208,19 @@ class FasterRCNN(nn.Module):
             )
         else:
             self.rpn = None
+        self.num_keypoints = num_keypoints
+        instance_heads = self._instance_heads(
+            pool_maps,
+            pooled_channels,
+            sampling_ratio,
+            roi_op,
+            norm="group" if norm == "group" else "none",
+            norm_groups=norm_groups,
+            mask=mask,
+            mask_channels=mask_channels,
+            keypoint_channels=keypoint_channels,
+            keypoint_convs=keypoint_convs,
+        )
         self.roi_heads = RoIHeads(
             RoIPooler(pool_maps, roi_output_size, sampling_ratio, roi_op),
             box_head,
@@ -182,7 +232,68 @@ class FasterRCNN(nn.Module):
             score_thresh=box_score_thresh,
             nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
+            instance_heads=instance_heads,
         )
+
+    def _instance_heads(
+        self,
+        pool_maps: list[str],
+        in_channels: int,
+        sampling_ratio: int,
+        roi_op: str,
+        *,
+        norm: str,
+        norm_groups: int,
+        mask: bool,
+        mask_channels: int,
+        keypoint_channels: int,
+        keypoint_convs: int,
+    ) -> list[InstanceHead]:
+        """The mask and keypoint branches asked for, each with its own 14 x 14 pooler."""
+        heads: list[InstanceHead] = []
+        if mask:
+            pooler = RoIPooler(pool_maps, INSTANCE_ROI_SIZE, sampling_ratio, roi_op)
+            heads.append(
+                MaskHead(
+                    pooler,
+                    in_channels,
+                    self.num_classes,
+                    channels=mask_channels,
+                    num_convs=4,
+                    norm=norm,
+                    norm_groups=norm_groups,
+                )
+            )
+        if self.num_keypoints:
+            pooler = RoIPooler(pool_maps, INSTANCE_ROI_SIZE, sampling_ratio, roi_op)
+            heads.append(
+                KeypointHead(
+                    pooler,
+                    in_channels,
+                    self.num_keypoints,
+                    channels=keypoint_channels,
+                    num_convs=keypoint_convs,
+                    norm=norm,
+                    norm_groups=norm_groups,
+                )
+            )
+        return heads
+
+    @property
+    def mask_head(self) -> MaskHead | None:
+        """The mask branch (inside ``roi_heads.instance_heads``), or None."""
+        return next((h for h in self.roi_heads.instance_heads if isinstance(h, MaskHead)), None)
+
+    @property
+    def keypoint_head(self) -> KeypointHead | None:
+        """The keypoint branch (inside ``roi_heads.instance_heads``), or None."""
+        heads = self.roi_heads.instance_heads
+        return next((h for h in heads if isinstance(h, KeypointHead)), None)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model predicts instance masks."""
+        return self.mask_head is not None
 
     def features(self, x: Tensor) -> dict[str, Tensor]:
         """``[B, 3, H, W]`` -> the named feature maps (``p2``..``p6``, or ``c4``)."""
@@ -198,11 +309,15 @@ class FasterRCNN(nn.Module):
         images: list[Tensor],
         targets: list[dict] | None = None,
         proposals: list[Tensor] | None = None,
+        *,
+        paste_masks: bool = True,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("FasterRCNN needs targets in training mode")
         if not self.has_rpn and proposals is None:
             raise ValueError("this Fast R-CNN model (rpn=False) needs proposals")
+        if self.training:
+            self._check_instance_targets(images, targets)
         batch, targets = self.transform(images, targets)
         features = self.features(batch.tensors)
         if self.rpn is not None:
@@ -214,7 +329,42 @@ class FasterRCNN(nn.Module):
         detections, roi_losses = self.roi_heads(features, boxes, batch.image_sizes, targets)
         if self.training:
             return {**losses, **roi_losses}
-        return self.transform.postprocess(detections, batch.image_sizes, batch.original_sizes)
+        detections = self.transform.postprocess(detections, batch.image_sizes, batch.original_sizes)
+        if paste_masks and self.has_masks:
+            for det, size in zip(detections, batch.original_sizes, strict=True):
+                det["masks"] = paste_into_image(det["mask_probs"], det["boxes"], size)
+        return detections
+
+    def _check_instance_targets(self, images: list[Tensor], targets: list[dict]) -> None:
+        """The masks / keypoints the instance heads need, with shapes that fit the boxes and
+        images (the transform would silently stretch a mask of the wrong size)."""
+        if not isinstance(targets, (list, tuple)) or not isinstance(images, (list, tuple)):
+            return  # the transform reports it
+        for i, (image, target) in enumerate(zip(images, targets, strict=False)):
+            if not isinstance(image, Tensor) or not isinstance(target, dict):
+                continue  # the transform reports it
+            if not isinstance(target.get("boxes"), Tensor):
+                continue
+            n = target["boxes"].shape[0]
+            if self.has_masks:
+                masks = target.get("masks")
+                size = tuple(image.shape[-2:])
+                if not isinstance(masks, Tensor) or tuple(masks.shape) != (n, *size):
+                    got = list(masks.shape) if isinstance(masks, Tensor) else masks
+                    raise ValueError(
+                        f"targets[{i}]['masks'] must be a uint8 Tensor[{n}, {size[0]}, "
+                        f"{size[1]}] (one mask per box, the image's size) for the mask head, "
+                        f"got {got}"
+                    )
+            if self.num_keypoints:
+                points = target.get("keypoints")
+                shape = (n, self.num_keypoints, 3)
+                if not isinstance(points, Tensor) or tuple(points.shape) != shape:
+                    got = list(points.shape) if isinstance(points, Tensor) else points
+                    raise ValueError(
+                        f"targets[{i}]['keypoints'] must be a float Tensor{list(shape)} (x, y, "
+                        f"visibility per keypoint) for the keypoint head, got {got}"
+                    )
 
     @staticmethod
     def _resize_proposals(

@@ -269,7 +269,8 @@ def voc_evaluate(
     order = np.lexsort((-d.score, d.cat))  # by class, then confidence (stable)
     hit = (best >= iou_threshold)[order]
     row = best_row[order]
-    neither = hit & difficult[row]
+    neither = np.zeros_like(hit)
+    neither[hit] = difficult[row[hit]]  # (hit only where there is ground truth to index)
     claim = hit & ~neither
     tp = np.zeros(len(order), dtype=bool)
     # First claim of a ground truth (in ranked order, per class) is the true positive.

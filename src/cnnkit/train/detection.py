@@ -73,6 +73,25 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
+def _skeleton(categories) -> list[list[int]]:
+    """The first keypoint skeleton of the categories (1-based pairs), [] without one."""
+    for cat in categories:
+        if cat.skeleton:
+            return [list(pair) for pair in cat.skeleton]
+    return []
+
+
+def model_heads(cfg: TrainConfig, num_classes: int) -> dict[str, bool]:
+    """Which instance heads ``cfg.model`` will have (``{"segm": mask head, "keypoints":
+    keypoint head}``), from its registry configuration and ``--model-arg`` s, before it is
+    built: the data must decode masks / keypoints only for the models that learn them."""
+    from cnnkit.models.registry import model_info, resolve_config
+
+    info = model_info(cfg.model)
+    kwargs = resolve_config(info.builder, {**info.config, **model_kwargs(cfg, num_classes)})
+    return {"segm": bool(kwargs.get("mask")), "keypoints": bool(kwargs.get("num_keypoints"))}
+
+
 class DetectionTask:
     """Detection on a COCO / VOC / scenes data set (:func:`cnnkit.data.detection.load_detection`)."""
 
@@ -97,14 +116,26 @@ class DetectionTask:
         self.runtime = runtime
         if self.data is None:
             self.data = load_detection(self.cfg.data, skip_invalid=self.cfg.skip_invalid)
+        heads = model_heads(self.cfg, self.data.num_classes)
+        self.iou_types = ["bbox"] + [t for t, on in heads.items() if on]
         self.train_set = DetectionDataset(
-            self.data.train, train=True, seed=self.cfg.seed, flip=self.flip
+            self.data.train,
+            train=True,
+            seed=self.cfg.seed,
+            flip=self.flip,
+            with_masks=heads["segm"],
+            with_keypoints=heads["keypoints"],
         )
         self.val_set = DetectionDataset(self.data.val, train=False, seed=self.cfg.seed)
         if len(self.train_set) == 0:
             raise ValueError(f"--data {self.cfg.data}: the train split has no annotated image")
         if len(self.val_set) == 0:
             raise ValueError(f"--data {self.cfg.data}: the val split has no image")
+        if (self.data.val.iscrowd | self.data.val.difficult).all():
+            raise ValueError(
+                f"--data {self.cfg.data}: the val split has no box to evaluate against (none, "
+                "or only crowd / difficult ones), so its AP is undefined"
+            )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.workers = self.cfg.workers if self.cfg.workers is not None else default_workers(local)
         self.pin = runtime.device.type == "cuda"
@@ -115,6 +146,14 @@ class DetectionTask:
         from cnnkit.data.proposals import read_proposals
 
         table = read_proposals(path)
+        train_ids, val_ids = self.data.train.image_ids.tolist(), self.data.val.image_ids.tolist()
+        shared = set(train_ids).intersection(val_ids)
+        if shared:
+            raise ValueError(
+                f"--proposals {path}: proposals are keyed by image id, and --data "
+                f"{self.cfg.data} has {len(shared)} image id(s) in both splits, e.g. "
+                f"{min(shared)} (one file cannot tell their images apart)"
+            )
         missing = [
             i
             for split in (self.data.train, self.data.val)
@@ -229,14 +268,14 @@ class DetectionTask:
 
     def evaluate(self, model: nn.Module, split: str, reduce: Reducer) -> dict[str, float]:
         """COCO box AP of ``model`` on the val split (``dev`` and ``test`` alike)."""
-        from cnnkit.train.detect_eval import box_metrics
+        from cnnkit.train.detect_eval import coco_metrics
 
         if split == "test" and self._last_dev is not None and self._last_dev[0] == self._steps:
             return dict(self._last_dev[1])
         ctx = self.runtime.dist
         mine = self.predict_split(model, split, ctx.rank, ctx.world_size)
         results = [r for part in reduce.gather(mine) for r in part]
-        metrics = box_metrics(self.data.val.coco_gt(), results)
+        metrics = coco_metrics(self.data.val.coco_gt(), results, self.iou_types)
         self._last_dev = (self._steps, metrics)
         self.last_results = results
         return metrics
@@ -264,6 +303,8 @@ class DetectionTask:
             "kind": d.kind,
             "classes": list(d.category_names[1:]),
             "label_to_category": [int(c) for c in d.label_to_category],
+            "keypoints": list(d.train.keypoint_names),
+            "skeleton": _skeleton(d.categories),
             "sizes": {"train": len(self.train_set), "dev": len(self.val_set)},
             "storage": "stream",
         }
@@ -285,4 +326,4 @@ class DetectionTask:
         from cnnkit.train.detect_eval import write_evaluation
 
         if self.last_results is not None:
-            write_evaluation(run_dir, self.data.val.coco_gt(), self.last_results)
+            write_evaluation(run_dir, self.data.val.coco_gt(), self.last_results, self.iou_types)
