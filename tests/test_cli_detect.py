@@ -381,3 +381,30 @@ def test_predict_bad_input_is_one_line_before_output(run, scenes, tmp_path, caps
     out = tmp_path / "pred"
     _fails(capsys, ["detect", "predict", str(run), *args, "--out", str(out)], pattern)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "iou_type", "key"),
+    [
+        ("mask_rcnn_r18_fpn", "segm", "mask_ap"),
+        ("keypoint_rcnn_r18_fpn", "keypoints", "keypoint_ap"),
+    ],
+)
+def test_instance_models_evaluate_their_outputs(
+    scenes, tmp_path, monkeypatch, model, iou_type, key
+):
+    import cnnkit.detection.rcnn as rcnn
+
+    out = tmp_path / model
+    argv = ["detect", "train", "--model", model, "--data", f"coco:{scenes}", "--epochs", "1",
+            *TINY_MODEL, *FAST, "--out", str(out)]  # fmt: skip
+    # The evaluation path encodes RLE from the box-local masks: dense pasting is never called.
+    monkeypatch.setattr(rcnn, "paste_into_image", None)
+    assert main(argv) == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    assert set(record) >= {"bbox", iou_type}
+    history = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    assert f"dev_{key}50" in history
+    detections = json.loads((out / "detections.json").read_text())
+    field = "segmentation" if iou_type == "segm" else "keypoints"
+    assert all(field in d for d in detections)

@@ -57,7 +57,7 @@ def predict_batch(
     kwargs: dict[str, Any] = {}
     if proposals is not None:
         kwargs["proposals"] = [p.to(device) for p in proposals]
-    if getattr(model, "has_mask", False):
+    if getattr(model, "has_masks", False):
         kwargs["paste_masks"] = False
     with autocast(device, precision):
         out = model(x, **kwargs)
@@ -133,7 +133,7 @@ def iou_types(model: nn.Module) -> list[str]:
     """The COCO evaluations a model's outputs call for: boxes, and masks / keypoints where it
     has those heads."""
     types = ["bbox"]
-    if getattr(model, "has_mask", False):
+    if getattr(model, "has_masks", False):
         types.append("segm")
     if getattr(model, "num_keypoints", 0):
         types.append("keypoints")
