@@ -288,7 +288,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = task.predict_split(model, "val")
     out = Path(args.out) if args.out else Path(args.run_dir)
     cocos, voc, _ = write_evaluation(
-        out, task.data.val.coco_gt(), results, iou_types(model), kpt_sigmas=args.kpt_sigmas
+        out, task.val_gt, results, iou_types(model), kpt_sigmas=args.kpt_sigmas
     )
     for iou_type, coco in cocos.items():
         print(f"{iou_type}:")

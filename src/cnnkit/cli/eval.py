@@ -15,8 +15,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Average Precision of detection results (COCO or VOC)")
@@ -91,26 +89,6 @@ def _check_inputs(*paths: str) -> None:
             raise ValueError(f"{path}: no such file or directory")
 
 
-def _coco_curves(result) -> dict:
-    """Mean interpolated precision over the categories at IoU .50 and .75 (the per-class
-    area range, largest maxDets)."""
-    p = result.params
-    area = result.per_class_area_index
-    curves = {}
-    for thr in (0.5, 0.75):
-        t = np.flatnonzero(np.isclose(p.iou_thrs, thr))
-        if len(t) == 0:
-            continue
-        s = result.precision[t[0], :, :, area, -1]  # [R, K]
-        s = np.where(s > -1, s, np.nan)
-        if np.isnan(s).all():
-            continue
-        curves[f"IoU={thr:.2f} (mean over categories)"] = (p.rec_thrs, np.nanmean(s, axis=1))
-    if not curves:
-        raise ValueError("--plot: no category has ground truth, nothing to draw")
-    return curves
-
-
 def run_coco(args: argparse.Namespace) -> int:
     """Evaluate, then write every output; bad input stops before anything is printed or
     written."""
@@ -122,7 +100,10 @@ def run_coco(args: argparse.Namespace) -> int:
     text = _json_text(result.to_dict()) if args.json else None
     if args.plot:
         title = f"COCO {result.params.iou_type} precision / recall"
-        _plot(args.plot, _coco_curves(result), title, False)
+        curves = result.pr_curves()
+        if not curves:
+            raise ValueError("--plot: no category has ground truth, nothing to draw")
+        _plot(args.plot, curves, title, False)
     if args.json:
         _write_json(args.json, text)
     print(result.summary())
@@ -143,11 +124,7 @@ def run_voc(args: argparse.Namespace) -> int:
     )
     text = _json_text(result.to_dict()) if args.json else None
     if args.plot:
-        curves = {
-            f"{k} (AP {result.ap[k]:.3f})": (result.recall[k], result.precision[k])
-            for k in result.ap
-            if k not in result.excluded
-        }
+        curves = result.pr_curves()
         if not curves:
             raise ValueError("--plot: no class has ground truth, nothing to draw")
         title = f"PASCAL VOC precision / recall (IoU {args.iou:g})"

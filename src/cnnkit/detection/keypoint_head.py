@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.detection.roi_heads import InstanceHead, RoIPooler
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.detection.roi_heads import InstanceHead, RoIPooler, conv_norm_relu
+from cnnkit.layers.norm import check_norm
 
 __all__ = [
     "KeypointHead",
@@ -206,15 +206,8 @@ class KeypointHead(InstanceHead):
         self.heatmap_size = 4 * pooler.output_size
         layers: list[nn.Module] = []
         cin = in_channels
-        for _ in range(num_convs):
-            conv = nn.Conv2d(cin, channels, 3, padding=1, bias=norm == "none")
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
-            layers.append(conv)
-            if norm != "none":
-                layers.append(make_norm(norm, channels, norm_groups))
-            layers.append(nn.ReLU(inplace=True))
+        for _ in range(num_convs):  # flat, as torchvision's KeypointRCNNHeads
+            layers += conv_norm_relu(cin, channels, norm, norm_groups)
             cin = channels
         self.convs = nn.Sequential(*layers)
         self.kps_score_lowres = nn.ConvTranspose2d(cin, num_keypoints, 4, stride=2, padding=1)

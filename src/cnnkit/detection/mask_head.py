@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnkit.detection.roi_heads import InstanceHead, RoIPooler
-from cnnkit.layers.norm import check_norm, make_norm
+from cnnkit.detection.roi_heads import InstanceHead, RoIPooler, conv_norm_relu
+from cnnkit.layers.norm import check_norm
 
 __all__ = ["MaskHead", "mask_loss", "mask_targets", "resample_masks"]
 
@@ -168,14 +168,6 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(chosen.float(), targets.to(torch.float32))
 
 
-def _conv_block(cin: int, cout: int, norm: str, norm_groups: int) -> nn.Sequential:
-    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none")
-    layers: list[nn.Module] = [conv]
-    if norm != "none":
-        layers.append(make_norm(norm, cout, norm_groups))
-    return nn.Sequential(*layers, nn.ReLU(inplace=True))
-
-
 class MaskHead(InstanceHead):
     """The mask branch as an :class:`~cnnkit.detection.roi_heads.InstanceHead`.
 
@@ -214,7 +206,9 @@ class MaskHead(InstanceHead):
         self.num_classes = num_classes
         self.resolution = 2 * pooler.output_size
         blocks = [
-            _conv_block(in_channels if i == 0 else channels, channels, norm, norm_groups)
+            nn.Sequential(
+                *conv_norm_relu(in_channels if i == 0 else channels, channels, norm, norm_groups)
+            )
             for i in range(num_convs)
         ]
         self.convs = nn.Sequential(*blocks)
@@ -222,12 +216,11 @@ class MaskHead(InstanceHead):
             in_channels if num_convs == 0 else channels, channels, 2, 2
         )
         self.logits = nn.Conv2d(channels, num_classes + 1, 1)
-        # torchvision's (and Detectron's MSRA) initialization: He normal (fan_out), zero biases.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # torchvision's (and Detectron's MSRA) initialization: He normal (fan_out), zero biases
+        # (conv_norm_relu initializes the convs the same way).
+        for m in (self.upsample, self.logits):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
 
     def forward(self, pooled: Tensor) -> Tensor:
         """``[R, C, r, r]`` -> mask logits ``[R, K + 1, 2r, 2r]``."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnkit.detection.postprocess import BOX_CODER_WEIGHTS, postprocess_detections
+from cnnkit.layers.norm import make_norm
 from cnnkit.ops import box_iou, encode_boxes, roi_align, roi_pool, smooth_l1_loss
 from cnnkit.ops.roi import convert_boxes_to_rois, fpn_levels
 
@@ -378,6 +379,20 @@ def fast_rcnn_loss(
 
 
 # ---------------------------------------------------------------------------------- modules
+
+
+def conv_norm_relu(cin: int, cout: int, norm: str, norm_groups: int) -> list[nn.Module]:
+    """A 3x3 convolution (bias only without a norm), its norm (GroupNorm with ``"group"``, Wu &
+    He) and a ReLU, He-initialized (fan_out, zero bias): the unit of torchvision's mask and
+    keypoint heads. Returned as a list, so a head lays the units out as its peer does."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none")
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    layers: list[nn.Module] = [conv]
+    if norm != "none":
+        layers.append(make_norm(norm, cout, norm_groups))
+    return [*layers, nn.ReLU(inplace=True)]
 
 
 class InstanceHead(nn.Module):

@@ -101,6 +101,42 @@ class COCOResult:
         """pycocotools' printed summary, one line per number."""
         return "\n".join(self.lines)
 
+    def _precision_at(self, iou: float) -> np.ndarray | None:
+        """``precision [R, K]`` at IoU threshold ``iou`` (the per-class area range, the largest
+        maxDets; -1 where undefined), None when ``iou`` is not one of the thresholds."""
+        t = np.flatnonzero(np.isclose(self.params.iou_thrs, iou))
+        if len(t) == 0:
+            return None
+        return self.precision[t[0], :, :, self.per_class_area_index, -1]
+
+    def pr_curves(self, ious: tuple[float, ...] = (0.5, 0.75)) -> dict[str, tuple]:
+        """``{"IoU=0.50 (mean over categories)": (recall thresholds [R], mean interpolated
+        precision [R])}`` for each of ``ious`` where some category has ground truth."""
+        curves = {}
+        for iou in ious:
+            s = self._precision_at(iou)
+            if s is None:
+                continue
+            s = np.where(s > -1, s, np.nan)
+            if not np.isnan(s).all():
+                curves[f"IoU={iou:.2f} (mean over categories)"] = (
+                    self.params.rec_thrs,
+                    np.nanmean(s, axis=1),
+                )
+        return curves
+
+    def per_class_at(self, iou: float) -> dict[Any, float]:
+        """AP of each category at one IoU threshold (NaN without ground truth; empty when
+        ``iou`` is not one of the thresholds)."""
+        s = self._precision_at(iou)
+        if s is None:
+            return {}
+        out = {}
+        for k, cat_id in enumerate(self.cat_ids):
+            column = s[:, k][s[:, k] > -1]
+            out[cat_id] = float(column.mean()) if column.size else float("nan")
+        return out
+
     def per_class_table(self) -> str:
         """Per-category AP@[.50:.95] as an aligned text table."""
         width = max([len(str(k)) for k in self.per_class] + [8])

@@ -61,6 +61,15 @@ class VOCResult:
     def per_class(self) -> dict[Any, float]:
         return self.ap
 
+    def pr_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{"<class> (AP 0.912)": (recall [N], precision [N])}`` of every class with ground
+        truth, in ranked order (draw them with their envelope: the curve AP measures)."""
+        return {
+            f"{k} (AP {self.ap[k]:.3f})": (self.recall[k], self.precision[k])
+            for k in self.ap
+            if k not in self.excluded
+        }
+
     def summary(self) -> str:
         """Per-class AP table and the mAP line."""
         metric = "11-point" if self.use_07_metric else "all-point"

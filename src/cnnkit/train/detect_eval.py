@@ -204,7 +204,7 @@ def evaluation_record(cocos: Mapping[str, Any], voc, names: Mapping[int, str]) -
     class; ``names`` maps category ids to names)."""
     coco = cocos["bbox"]
     per_class: dict[str, dict[str, float | None]] = {}
-    ap50 = _per_class_at(coco, 0.5)
+    ap50 = coco.per_class_at(0.5)
     for cat_id, ap in coco.per_class.items():
         name = names.get(cat_id, str(cat_id))
         per_class[name] = {
@@ -216,20 +216,6 @@ def evaluation_record(cocos: Mapping[str, Any], voc, names: Mapping[int, str]) -
     record["voc_map50"] = _finite(voc.map)
     record["per_class"] = per_class
     return record
-
-
-def _per_class_at(coco, iou: float) -> dict[Any, float]:
-    """AP of each category at one IoU threshold (all areas, the largest maxDets)."""
-    p = coco.params
-    t = np.flatnonzero(np.isclose(p.iou_thrs, iou))
-    if len(t) == 0:
-        return {}
-    out = {}
-    for k, cat_id in enumerate(coco.cat_ids):
-        s = coco.precision[t[0], :, k, 0, -1]
-        s = s[s > -1]
-        out[cat_id] = float(s.mean()) if s.size else float("nan")
-    return out
 
 
 def write_evaluation(
@@ -267,21 +253,10 @@ def write_evaluation(
 def _plot_curves(run_dir: Path, coco, voc) -> None:
     from cnnkit.viz import plot_pr_curves
 
-    p = coco.params
-    curves = {}
-    for thr in (0.5, 0.75):
-        t = np.flatnonzero(np.isclose(p.iou_thrs, thr))
-        s = coco.precision[t[0], :, :, 0, -1]
-        s = np.where(s > -1, s, np.nan)
-        if len(t) and not np.isnan(s).all():
-            curves[f"IoU={thr:.2f} (mean over categories)"] = (p.rec_thrs, np.nanmean(s, axis=1))
+    curves = coco.pr_curves()
     if curves:
         plot_pr_curves(curves, run_dir / PR_CURVES_NAME, title="COCO box precision / recall")
-    voc_curves = {
-        f"{k} (AP {voc.ap[k]:.3f})": (voc.recall[k], voc.precision[k])
-        for k in voc.ap
-        if k not in voc.excluded
-    }
+    voc_curves = voc.pr_curves()
     if voc_curves:
         plot_pr_curves(
             voc_curves,

@@ -30,6 +30,7 @@ from cnnkit.data.streaming import (
     check_invalid,
     default_workers,
 )
+from cnnkit.data.transforms import hflip_boxes
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.task import Metric, Reducer, Runtime, StepOutput
 
@@ -136,6 +137,8 @@ class DetectionTask:
                 f"--data {self.cfg.data}: the val split has no box to evaluate against (none, "
                 "or only crowd / difficult ones), so its AP is undefined"
             )
+        # The val ground truth in the COCO format, built once (every epoch evaluates against it).
+        self.val_gt = self.data.val.coco_gt()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.workers = self.cfg.workers if self.cfg.workers is not None else default_workers(local)
         self.pin = runtime.device.type == "cuda"
@@ -210,11 +213,8 @@ class DetectionTask:
         device, out = self.runtime.device, []
         for t, image in zip(targets, images, strict=True):
             boxes = self.proposals[int(t["image_id"])].to(device)
-            if t.get("flipped"):  # the image was mirrored: x' = W - x (data.transforms)
-                width = image.shape[-1]
-                boxes = torch.stack(
-                    (width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1
-                )
+            if t.get("flipped"):  # the image was mirrored: its proposals with it
+                boxes = hflip_boxes(boxes, image.shape[-1])
             out.append(boxes)
         return out
 
@@ -275,7 +275,7 @@ class DetectionTask:
         ctx = self.runtime.dist
         mine = self.predict_split(model, split, ctx.rank, ctx.world_size)
         results = [r for part in reduce.gather(mine) for r in part]
-        metrics = coco_metrics(self.data.val.coco_gt(), results, self.iou_types)
+        metrics = coco_metrics(self.val_gt, results, self.iou_types)
         self._last_dev = (self._steps, metrics)
         self.last_results = results
         return metrics
@@ -326,4 +326,4 @@ class DetectionTask:
         from cnnkit.train.detect_eval import write_evaluation
 
         if self.last_results is not None:
-            write_evaluation(run_dir, self.data.val.coco_gt(), self.last_results, self.iou_types)
+            write_evaluation(run_dir, self.val_gt, self.last_results, self.iou_types)
