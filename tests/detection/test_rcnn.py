@@ -341,3 +341,42 @@ def test_registry_lists_mask_and_keypoint_rcnn():
     )
     for head in (gn.mask_head, gn.keypoint_head):
         assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())
+
+
+def _positives_seen(model, images, targets, seed):
+    """The (positive RoIs, matched ground truth) per image that the instance heads train on."""
+    seen = []
+    head = model.mask_head
+
+    def spy(features, positives, matched, image_shapes):
+        seen.append(([p.clone() for p in positives], [m["gt_index"].clone() for m in matched]))
+        return {"loss_mask": sum(p.sum() for p in positives) * 0}
+
+    head.loss = spy
+    torch.manual_seed(seed)
+    model.train()(images, targets)
+    return seen[0]
+
+
+def test_instance_rois_per_image_caps_the_positive_rois_with_a_random_subset():
+    images, targets = instance_batch()
+    # A low foreground IoU: many positive RoIs even from an untrained RPN.
+    loose = {"mask": True, "mask_channels": 8, "box_fg_iou": 0.1, "box_bg_iou_lo": 0.0}
+    subsets = set()
+    for seed in range(4):
+        # The same seed: the RoI sampler draws the same positives, the cap then subsamples them.
+        every, every_gt = _positives_seen(tiny(**loose), images, targets, seed)
+        assert min(len(p) for p in every) > 2  # enough positives for the cap to bite
+        capped = tiny(**loose, instance_rois_per_image=2)
+        boxes, gt = _positives_seen(capped, images, targets, seed)
+        for kept, kept_gt, full, full_gt in zip(boxes, gt, every, every_gt, strict=True):
+            assert len(kept) == 2
+            # Each kept RoI is one of the image's positives, with that positive's ground truth.
+            same = (kept[:, None] == full[None]).all(-1)
+            assert same.any(1).all()
+            torch.testing.assert_close(kept_gt, full_gt[same.float().argmax(1)])
+        subsets.add(tuple(boxes[0].flatten().tolist()))
+    assert len(subsets) > 1  # drawn at random, not the first two
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="instance_rois_per_image"):
+            tiny(mask=True, instance_rois_per_image=bad)

@@ -23,7 +23,7 @@ DEFAULT_DATA = "scenes"
 # The scenes recipe (README, "Detection"): measured on an AMX Xeon, 2 cores.
 DETECT_EPOCHS = 20
 # Mask and keypoint R-CNN take longer steps: fewer epochs keep the recipe within 20 minutes.
-INSTANCE_EPOCHS = 10
+INSTANCE_EPOCHS = 8
 INSTANCE_FAMILIES = ("mask_rcnn", "keypoint_rcnn")
 DETECT_LR = 0.02
 DETECT_DECAY = 1e-4

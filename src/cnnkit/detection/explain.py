@@ -17,11 +17,10 @@ gradients, and records what each stage produced:
    keypoint heatmaps.
 
 Nothing of the pipeline is re-implemented. Forward hooks on the model's modules read the
-anchors and the proposals; the two NMS calls (the RPN's and the box postprocess's) are observed
-where those modules call ``batched_nms``, so the pictures show exactly what the model computed
-(observing replaces a module attribute for the duration of the call: not for use from several
-threads at once); the training-only stages, which inference skips, call the RPN's own matcher
-and :func:`sample_rois` with the model's settings. :func:`write_explanation`
+anchors and the proposals; the RPN and the RoI heads record the candidates of their NMS and the
+indices it kept in their ``nms_trace`` lists while the image runs, so the pictures show
+exactly what the model computed; the training-only stages, which inference skips, call the
+RPN's own matcher and :func:`sample_rois` with the model's settings. :func:`write_explanation`
 draws one PNG per stage and an ``index.md`` saying what each stage is.
 """
 
@@ -31,14 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnnkit.detection import postprocess as postprocess_module
-from cnnkit.detection import rpn as rpn_module
 from cnnkit.detection.roi_heads import sample_rois
 from cnnkit.detection.transform import resize_boxes
 from cnnkit.ops import box_iou
@@ -120,7 +116,7 @@ class Explanation:
 
 class _Trace:
     """The intermediate values of one forward pass: forward hooks on the model's modules and
-    the calls of ``batched_nms`` made by the RPN and by the box postprocess."""
+    the NMS traces of the RPN and of the box postprocess."""
 
     def __init__(self) -> None:
         self.values: dict[str, object] = {}
@@ -139,27 +135,13 @@ class _Trace:
             model.rpn.register_forward_hook(keep("rpn"), with_kwargs=True),
             model.rpn.anchor_generator.register_forward_hook(keep("anchors"), with_kwargs=True),
         ]
+        model.rpn.nms_trace, model.roi_heads.nms_trace = self.nms["rpn"], self.nms["boxes"]
         try:
-            with self._observe(rpn_module, "rpn"), self._observe(postprocess_module, "boxes"):
-                yield self
+            yield self
         finally:
+            model.rpn.nms_trace = model.roi_heads.nms_trace = None
             for handle in handles:
                 handle.remove()
-
-    @contextmanager
-    def _observe(self, module: ModuleType, name: str) -> Iterator[None]:
-        original = module.batched_nms
-
-        def observed(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float):
-            kept = original(boxes, scores, idxs, iou_threshold)
-            self.nms[name].append((boxes, scores, idxs, kept))
-            return kept
-
-        module.batched_nms = observed
-        try:
-            yield
-        finally:
-            module.batched_nms = original
 
     def argument(self, name: str, index: int, keyword: str) -> object:
         args, kwargs, _ = self.values[name]

@@ -45,6 +45,7 @@ def postprocess_detections(
     nms_thresh: float = 0.3,
     detections_per_img: int = 100,
     min_size: float = 1e-2,
+    nms_trace: list[tuple[Tensor, ...]] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Detections of a batch from its box head's outputs.
 
@@ -58,6 +59,9 @@ def postprocess_detections(
         nms_thresh: per-class NMS IoU threshold.
         detections_per_img: keep at most this many, the highest-scoring.
         min_size: drop boxes narrower or lower than this (pixels).
+        nms_trace: ``None``, or a list to which each image appends ``(boxes [N, 4], scores
+            [N], labels [N], kept [M])``: the class-specific boxes before per-class NMS and the
+            indices it kept.
 
     Returns:
         one dict per image: ``boxes`` float32 ``[D, 4]``, ``scores`` float32 ``[D]``, ``labels``
@@ -94,6 +98,9 @@ def postprocess_detections(
     for b, s, lab in zip(
         boxes.split(per_image), scores.split(per_image), labels.split(per_image), strict=True
     ):
-        kept = batched_nms(b, s, lab, nms_thresh)[:detections_per_img]
+        kept = batched_nms(b, s, lab, nms_thresh)
+        if nms_trace is not None:
+            nms_trace.append((b, s, lab, kept))
+        kept = kept[:detections_per_img]
         results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
     return results

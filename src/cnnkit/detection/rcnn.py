@@ -78,7 +78,8 @@ class FasterRCNN(nn.Module):
 
     Instance heads: ``mask`` (Mask R-CNN's branch, ``mask_channels`` wide; 256 in the paper),
     ``num_keypoints`` (0: none; else the keypoint branch, ``keypoint_convs`` convolutions of
-    ``keypoint_channels``; 8 x 512 in the paper). With ``norm="group"`` their convolutions get
+    ``keypoint_channels``; 8 x 512 in the paper); ``instance_rois_per_image`` caps the positive
+    RoIs per image that they train on (``None``: all, the paper's). With ``norm="group"`` their convolutions get
     GroupNorm (Wu & He); otherwise biases and no norm (torchvision's layout). Both pool with
     ``roi_op`` (so RoIPool vs RoIAlign can be compared on masks, Mask R-CNN table 2c).
 
@@ -134,6 +135,7 @@ class FasterRCNN(nn.Module):
         num_keypoints: int = 0,
         keypoint_channels: int = 512,
         keypoint_convs: int = 8,
+        instance_rois_per_image: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -233,6 +235,7 @@ class FasterRCNN(nn.Module):
             nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
             instance_heads=instance_heads,
+            instance_rois_per_image=instance_rois_per_image,
         )
 
     def _instance_heads(

@@ -436,6 +436,10 @@ class RoIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_img: inference
             (:func:`cnnkit.detection.postprocess.postprocess_detections`).
         instance_heads: :class:`InstanceHead` modules run on the positive RoIs / detections.
+        instance_rois_per_image: in training, the instance heads see at most this many of an
+            image's positive RoIs, a uniform random subset (``None``: all of them, as in the
+            paper). The mask / keypoint heads cost more per RoI than the whole box branch, and
+            an object covered by several positive RoIs gives them near-identical targets.
 
     ``forward(features, proposals, image_shapes, targets=None) -> (detections, losses)``:
     proposals and targets in resized-image coordinates; in training ``detections`` is empty and
@@ -457,8 +461,18 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.3,
         detections_per_img: int = 100,
         instance_heads: Sequence[InstanceHead] = (),
+        instance_rois_per_image: int | None = None,
     ) -> None:
         super().__init__()
+        if instance_rois_per_image is not None and (
+            isinstance(instance_rois_per_image, bool)
+            or not isinstance(instance_rois_per_image, int)
+            or instance_rois_per_image < 1
+        ):
+            raise ValueError(
+                "instance_rois_per_image must be a positive integer or None, got "
+                f"{instance_rois_per_image!r}"
+            )
         if not 0.0 <= bg_iou_lo <= fg_iou <= 1.0:
             raise ValueError(
                 f"need 0 <= box_bg_iou_lo <= box_fg_iou <= 1, got {bg_iou_lo} and {fg_iou}"
@@ -480,6 +494,9 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.instance_heads = nn.ModuleList(instance_heads)
+        self.instance_rois_per_image = instance_rois_per_image
+        # None, or a list collecting the per-class NMS of each image (postprocess_detections).
+        self.nms_trace: list[tuple[Tensor, ...]] | None = None
 
     def box_outputs(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -513,6 +530,7 @@ class RoIHeads(nn.Module):
             score_thresh=self.score_thresh,
             nms_thresh=self.nms_thresh,
             detections_per_img=self.detections_per_img,
+            nms_trace=self.nms_trace,
         )
         for head in self.instance_heads:
             head.predict(features, detections, image_shapes)
@@ -541,13 +559,15 @@ class RoIHeads(nn.Module):
             class_logits, box_regression, sample.labels, sample.regression_targets
         )
         if len(self.instance_heads):
-            positives, matched = self._positives(sample, targets)
+            positives, matched = self._positives(sample, targets, self.instance_rois_per_image)
             for head in self.instance_heads:
                 losses.update(head.loss(features, positives, matched, image_shapes))
         return losses
 
     @staticmethod
-    def _positives(sample: RoISample, targets: list[dict]) -> tuple[list[Tensor], list[dict]]:
+    def _positives(
+        sample: RoISample, targets: list[dict], limit: int | None
+    ) -> tuple[list[Tensor], list[dict]]:
         positives, matched = [], []
         for boxes, labels, gt_index, target in zip(
             sample.per_image(sample.boxes),
@@ -556,7 +576,11 @@ class RoIHeads(nn.Module):
             targets,
             strict=True,
         ):
-            fg = labels > 0
+            fg = torch.nonzero(labels > 0).flatten()
+            if limit is not None and fg.numel() > limit:
+                # The global RNG: the engine seeds it per step, so runs and resumes repeat.
+                keep = torch.randperm(fg.numel())[:limit].to(fg.device)
+                fg = fg[keep.sort().values]
             idx = gt_index[fg]
             positives.append(boxes[fg])
             matched.append(

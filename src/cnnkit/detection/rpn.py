@@ -96,6 +96,11 @@ class RegionProposalNetwork(nn.Module):
             the second per image.
         nms_thresh, score_thresh, min_size: NMS IoU, minimum objectness probability and
             minimum box side (pixels of the resized image).
+
+    ``nms_trace``: ``None``, or a list to which every image's NMS appends ``(boxes [N, 4],
+    scores [N], levels [N], kept [M])``: the candidates before NMS and the indices it kept, by
+    decreasing score (the proposals are ``boxes[kept[:post_nms_top_n]]``); what
+    :func:`cnnkit.detection.explain.explain` shows.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
         self.min_size = min_size
+        self.nms_trace: list[tuple[Tensor, ...]] | None = None
 
     def _mode(self) -> str:
         return "training" if self.training else "testing"
@@ -208,8 +214,10 @@ class RegionProposalNetwork(nn.Module):
             b, s, lv = b[keep], s[keep], lv[keep]
             keep = torch.where(s >= self.score_thresh)[0]
             b, s, lv = b[keep], s[keep], lv[keep]
-            keep = batched_nms(b, s, lv, self.nms_thresh)[:post_n]
-            proposals.append(b[keep])
+            keep = batched_nms(b, s, lv, self.nms_thresh)
+            if self.nms_trace is not None:
+                self.nms_trace.append((b, s, lv, keep))
+            proposals.append(b[keep[:post_n]])
         return proposals
 
     # --- losses -------------------------------------------------------------------------------
