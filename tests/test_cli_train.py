@@ -71,18 +71,6 @@ def test_tiny_training_run_through_the_cli(capsys, tmp_path):
     assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
 
 
-def test_tensorboard_missing_is_a_clear_error(capsys, tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-
-        pytest.skip("tensorboard is installed here")
-    except ImportError:
-        pass
-    argv = ["train", *TINY, "--tensorboard", "--out", str(tmp_path / "run")]
-    _fails(capsys, argv, "--tensorboard needs the tensorboard package")
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
 def test_usage_errors_are_one_line(capsys):
     from cnnkit.cli.main import main
 

@@ -427,3 +427,29 @@ def test_more_epochs_on_resume_keep_the_compile_decision_of_the_saved_run():
     values = {"epochs": 1, "compile": "auto"}
     _keep_compile_plan(values, dict(values), {"steps_per_epoch": 1500})
     assert values["compile"] == "auto"  # nothing changed, nothing pinned
+
+
+def test_a_brief_state_probe_does_not_make_a_starting_run_fail(tmp_path):
+    # `cnnkit runs` probes a run's state with a shared flock held for an instant; a trainer
+    # taking the run lock at that moment waits for it instead of calling the directory in use.
+    import fcntl
+
+    from cnnkit.train.rundir import LOCK_NAME, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.05, os.close, (fd,)).start()  # the probe lets go 50 ms later
+    lock = RunLock(run)
+    try:
+        assert (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+    finally:
+        lock.release()
+    # A real holder is still refused.
+    holder = RunLock(run)
+    try:
+        with pytest.raises(ValueError, match="in use"):
+            RunLock(run)
+    finally:
+        holder.release()

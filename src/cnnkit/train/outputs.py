@@ -32,12 +32,12 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def summary_writer_class():
-    """TensorBoard's SummaryWriter; ValueError when the tensorboard package is missing."""
+    """TensorBoard's SummaryWriter; ValueError naming the extra when tensorboard is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError(
-            "--tensorboard needs the tensorboard package (pip install tensorboard)"
+            "--tensorboard needs the tensorboard package (pip install 'cnnkit[tensorboard]')"
         ) from None
     return SummaryWriter
 
@@ -78,7 +78,12 @@ class RunOutputs:
             self.history = History.load(self.run_dir)
             self.history.truncate(epochs_done)
         if self.tensorboard:
-            self.writer = summary_writer_class()(log_dir=str(self.run_dir))
+            # Events go straight into the run directory, one file per process start. Steps
+            # after the checkpoint are purged (an epoch logged before a kill, then trained
+            # again on resume), so each epoch keeps one value per scalar, as the history does.
+            self.writer = summary_writer_class()(
+                log_dir=str(self.run_dir), purge_step=epochs_done + 1
+            )
 
     def append(self, record: dict[str, Any]) -> None:
         """One epoch: the history line, the curves, the TensorBoard scalars."""
@@ -87,9 +92,10 @@ class RunOutputs:
         self.history.append(record)
         plot_curves(self.history.records, self.run_dir / CURVES_NAME, metric=self.metric.name)
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, record["epoch"])
+            for key, value in self.history.records[-1].items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key != "epoch" and number:  # a string field has no curve
+                    self.writer.add_scalar(key, float(value), record["epoch"])
             self.writer.flush()
 
     def metrics(self, test: dict[str, float], **engine: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 from cnnkit.train.checkpoint import CONFIG_NAME, WEIGHTS_NAME
@@ -88,6 +89,24 @@ def create_unique(base: Path, attempts: int = 1000) -> Path:
     raise ValueError(f"no free run directory name after {base} ... -{attempts}; pass --out")
 
 
+# `cnnkit runs` / `compare` probe a run's state with a shared lock held for microseconds; a
+# trainer starting at that instant retries instead of calling the directory in use.
+LOCK_RETRIES = 10
+LOCK_RETRY_SECONDS = 0.02
+
+
+def _lock_exclusive(fd: int) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, retried briefly; BlockingIOError when still held."""
+    for attempt in range(LOCK_RETRIES + 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == LOCK_RETRIES:
+                raise
+            time.sleep(LOCK_RETRY_SECONDS)
+
+
 class RunLock:
     """An exclusive lock on ``run_dir`` held until :meth:`release` or the process ends.
 
@@ -103,7 +122,7 @@ class RunLock:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             owner = os.read(fd, 32).decode("ascii", "replace").strip()
             os.close(fd)
