@@ -18,7 +18,17 @@ import os
 import sys
 
 # Command-family modules under cnnkit.cli, in the order their commands are listed.
-COMMAND_MODULES = ("models", "train", "runs", "compare", "eval", "detect", "data")
+COMMAND_MODULES = (
+    "models",
+    "train",
+    "lr_find",
+    "runs",
+    "compare",
+    "export",
+    "eval",
+    "detect",
+    "data",
+)
 DEBUG_HELP = "show the traceback of an error instead of one line"
 
 

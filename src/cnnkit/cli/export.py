@@ -1,0 +1,136 @@
+"""`cnnkit export RUN_DIR --format onnx|torchscript`: a deployable classifier, verified first.
+
+The exported model takes raw images (``--input uint8``: ``uint8 [N, C, H, W]`` 0..255, the
+default; ``--input float``: ``float32`` in ``[0, 1]``) at the run's input size, with the run's
+normalization folded in, and returns logits ``float32 [N, K]``; ``N`` is 1 for ONNX unless
+``--dynamic-batch``, any for TorchScript. Before anything is written its
+logits are compared with the eager model's on the first images of the run's test split (read as
+`cnnkit evaluate` reads them); a difference above 1e-4 writes nothing and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cnnkit.cli.runs import _data_section, _eval_split, _input_size, _run_dir
+
+VERIFY_IMAGES = 16
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from cnnkit.export import DEFAULT_OPSET, FORMATS, INPUT_KINDS
+
+    p = sub.add_parser(
+        "export",
+        help="a classifier run as ONNX or TorchScript, normalization folded in, verified",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `cnnkit train`")
+    p.add_argument("--format", choices=FORMATS, required=True, help="onnx | torchscript")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="file to write (default: RUN_DIR/model.onnx or RUN_DIR/model.ts.pt)",
+    )
+    p.add_argument(
+        "--input",
+        choices=INPUT_KINDS,
+        default="uint8",
+        help="uint8: images 0..255 (default); float: float32 in [0, 1]",
+    )
+    p.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, metavar="N", help="ONNX opset (default: 17)"
+    )
+    p.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="ONNX: any batch size (default: batch 1); TorchScript always takes any batch",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.set_defaults(func=run_export)
+
+
+def _is_detection(config: dict) -> bool:
+    return any((config.get(s) or {}).get("task") == "detection" for s in ("train", "data"))
+
+
+def _out_path(run_dir: Path, fmt: str, out: str | None, overwrite: bool) -> Path:
+    """Where to write: never a directory, never a file a run directory owns (its config,
+    weights, history, ...), an earlier export only with ``--overwrite``."""
+    from cnnkit.export import EXPORT_SUFFIXES
+    from cnnkit.train.checkpoint import CONFIG_NAME
+
+    path = Path(out) if out else run_dir / f"model{EXPORT_SUFFIXES[fmt]}"
+    if path.is_dir():
+        raise ValueError(
+            f"--out {path}: is a directory; give a file name, e.g. "
+            f"{path / ('model' + EXPORT_SUFFIXES[fmt])}"
+        )
+    if not path.exists():
+        return path
+    if (path.parent / CONFIG_NAME).is_file() and not path.name.endswith(
+        tuple(EXPORT_SUFFIXES.values())
+    ):
+        raise ValueError(
+            f"--out {path}: a file of the run directory {path.parent}; choose another name"
+        )
+    if not overwrite:
+        raise ValueError(f"--out {path}: already exists; pass --overwrite to replace it")
+    return path
+
+
+def _verification_images(run_dir: Path, config: dict, model) -> tuple[object, str]:
+    """The first :data:`VERIFY_IMAGES` uint8 images of the run's test split, and a label."""
+    data = config["data"]
+    spec = data.get("spec")
+    if not spec:
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing")
+    _, batches = _eval_split(run_dir, config, model, spec, "test", VERIFY_IMAGES)
+    images = next(iter(batches))[0][:VERIFY_IMAGES]
+    return images, f"the first {images.shape[0]} images of {spec}'s test split"
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cnnkit.atomic import atomic_write_bytes
+    from cnnkit.export import TOLERANCE, InputSpec, check_opset, export, require_onnx
+    from cnnkit.train.checkpoint import load_model, read_config
+
+    run_dir = _run_dir(args.run_dir)
+    config = read_config(run_dir)
+    if _is_detection(config):
+        raise ValueError(
+            f"{run_dir} is a detection run: `cnnkit export` writes classification runs "
+            "(onnx and torchscript); detectors cannot be exported yet (torch.jit.script and "
+            "torch.jit.trace both fail on their Python-side box decoding and postprocessing)"
+        )
+    data = _data_section(run_dir, config, "mean", "std", "input_size")
+    channels, height, width = _input_size(run_dir, data)
+    out = _out_path(run_dir, args.format, args.out, args.overwrite)
+    if args.format == "onnx":
+        require_onnx()  # before the data is read: the fix is an install
+        check_opset(args.opset)
+    # A traced TorchScript module takes any batch: it is verified (and described) as such.
+    dynamic = args.dynamic_batch or args.format == "torchscript"
+    spec = InputSpec(channels, height, width, args.input, dynamic)
+    model = load_model(run_dir)
+    images, source = _verification_images(run_dir, config, model)
+    result = export(
+        model,
+        mean=data["mean"],
+        std=data["std"],
+        spec=spec,
+        fmt=args.format,
+        images=images,
+        opset=args.opset,
+    )
+    atomic_write_bytes(out, result.data)
+    classes = len(data.get("classes") or []) or "K"
+    batch = "N" if spec.dynamic_batch else "1"
+    print(f"wrote {out} ({args.format}, {result.detail}, {len(result.data) / 1024:.0f} KiB)")
+    print(f"input  'images': {spec.describe()}; normalization folded in")
+    print(f"output 'logits': float32 [{batch}, {classes}]")
+    print(
+        f"verified on {source}: max |logit difference| {result.max_difference:.2g} "
+        f"(tolerance {TOLERANCE:g})"
+    )
+    return 0
