@@ -16,19 +16,12 @@ import pytest
 from cnnkit.cli.main import main
 from cnnkit.train.outputs import RunOutputs, summary_writer_class
 from cnnkit.train.task import Metric
+from test_cli_detect import FAST, TINY_MODEL
 
 TINY = ["--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]", "--image-size", "16",
         "--train-subset", "64", "--batch-size", "32", "--quiet", "--threads", "1"]  # fmt: skip
-# The tiny detector of tests/test_cli_detect.py.
-TINY_DETECTOR = [
-    "--model-arg", "backbone_widths=[8,16,32,64]",
-    "--model-arg", "fpn_channels=16",
-    "--model-arg", "representation_size=32",
-    "--model-arg", "min_size=64",
-    "--model-arg", "max_size=64",
-    "--model-arg", "anchor_sizes=[8,16,32,64,128]",
-    "--batch-size", "4", "--quiet", "--threads", "1", "--workers", "0", "--precision", "fp32",
-]  # fmt: skip
+# The tiny detector of tests/test_cli_detect.py (pytest puts tests/ on the path).
+TINY_DETECTOR = [*TINY_MODEL, *FAST]
 EVENTS = "events.out.tfevents.*"
 
 
