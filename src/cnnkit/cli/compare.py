@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cnnkit.cli.table import text_table
+
 DEFAULT_OUT = "compare.png"
 DEFAULT_RUNS = "runs"
 # The columns of `cnnkit runs`, in order; NUMERIC ones sort as numbers.
@@ -64,15 +66,6 @@ def _number(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    ]
-
-
 def _labels(paths: list[Path], given: list[str]) -> list[str]:
     """Each run's directory name, or the path given when two names coincide."""
     names = [p.name or str(p) for p in paths]
@@ -117,7 +110,7 @@ def run_compare(args: argparse.Namespace) -> int:
     rows += [[name, *values] for name, values in zip(names, results, strict=True)]
     if len(runs) > 1:
         print(f"{len(differing)} setting(s) differ:" if differing else "every setting is the same:")
-    for line in _table(["", *labels], rows):
+    for line in text_table(["", *labels], rows):
         print(line)
     print("verdicts:")
     for label, run in zip(labels, runs, strict=True):
@@ -147,7 +140,7 @@ def run_runs(args: argparse.Namespace) -> int:
             problems.append(f"{row['run']}: {problem}")
     rows = _sorted(rows, args.sort, args.reverse)
     header = [c if c != "best" else "best dev" for c in RUNS_COLUMNS]
-    for line in _table(header, [[_cell(r, c) for c in RUNS_COLUMNS] for r in rows]):
+    for line in text_table(header, [[_cell(r, c) for c in RUNS_COLUMNS] for r in rows]):
         print(line)
     for line in problems:
         print(line)

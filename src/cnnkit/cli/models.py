@@ -6,6 +6,8 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
+from cnnkit.cli.table import text_table
+
 # The lecture's order: ResNet, its grouped and widened variants, then DenseNet and PyramidNet;
 # then the detectors built on them.
 FAMILY_ORDER = (
@@ -56,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
             size = "x".join(map(str, info.input_size))
             rows.append((name, info.family, f"{params:,}", size, info.paper))
     head = ("model", "family", "params", "input", "paper")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for line in text_table(head, rows):
+        print(line)
     return 0
 
 

@@ -400,8 +400,8 @@ class InstanceHead(nn.Module):
 
     ``loss(features, positive_proposals, matched_targets, image_shapes) -> dict`` of named losses
     in training: ``positive_proposals`` one ``Tensor[P_i, 4]`` per image; ``matched_targets`` one
-    dict per image with ``labels [P_i]``, ``boxes [P_i, 4]`` (the matched ground truth),
-    ``gt_index [P_i]`` (into the image's target) and ``target`` (the image's whole target dict,
+    dict per image with ``labels [P_i]``, ``gt_index [P_i]`` (the matched ground truth, an
+    index into the image's target) and ``target`` (the image's whole target dict,
     resized coordinates). ``predict(features, detections, image_shapes) -> None`` adds its keys
     to each image's detection dict in inference.
     """
@@ -586,7 +586,6 @@ class RoIHeads(nn.Module):
             matched.append(
                 {
                     "labels": labels[fg],
-                    "boxes": target["boxes"][idx],
                     "gt_index": idx,
                     "target": target,
                 }
