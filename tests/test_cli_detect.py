@@ -391,7 +391,7 @@ def test_predict_bad_input_is_one_line_before_output(run, scenes, tmp_path, caps
     ],
 )
 def test_instance_models_evaluate_their_outputs(
-    scenes, tmp_path, monkeypatch, model, iou_type, key
+    scenes, tmp_path, monkeypatch, capsys, model, iou_type, key
 ):
     import cnnkit.detection.rcnn as rcnn
 
@@ -408,3 +408,9 @@ def test_instance_models_evaluate_their_outputs(
     detections = json.loads((out / "detections.json").read_text())
     field = "segmentation" if iou_type == "segm" else "keypoints"
     assert all(field in d for d in detections)
+    # --kpt-sigmas that do not fit the model: refused before the val split is predicted.
+    monkeypatch.setattr("cnnkit.train.detection.DetectionTask.predict_split", None)
+    wrong = ["detect", "evaluate", str(out), "--kpt-sigmas", "0.1,0.1,0.1", "--out",
+             str(tmp_path / "eval")]  # fmt: skip
+    reason = "model predicts 4 keypoints" if iou_type == "keypoints" else "predicts no keypoints"
+    _fails(capsys, wrong, reason)

@@ -284,6 +284,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, config = _load_run(args.run_dir)
     task = _task_for(config, args.data, args.proposals, device)
     _check_classes(task, config, args.data)
+    _check_sigmas(args.kpt_sigmas, model)
     model.to(device)
     results = task.predict_split(model, "val")
     out = Path(args.out) if args.out else Path(args.run_dir)
@@ -299,6 +300,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(voc.summary())
     print(f"wrote {out / 'evaluation.json'}, {out / 'detections.json'} and the PR curves")
     return 0
+
+
+def _check_sigmas(sigmas: list[float] | None, model) -> None:
+    """``--kpt-sigmas`` fits the model's keypoints, checked before minutes of prediction."""
+    if sigmas is None:
+        return
+    count = getattr(model, "num_keypoints", 0)
+    if not count:
+        raise ValueError("--kpt-sigmas: this run's model predicts no keypoints")
+    if len(sigmas) != count:
+        raise ValueError(
+            f"--kpt-sigmas gives {len(sigmas)} sigmas, but the model predicts {count} keypoints"
+        )
 
 
 def _check_classes(task, config: dict, spec: str | None) -> None:
