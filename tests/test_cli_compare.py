@@ -212,6 +212,8 @@ def test_compare_bad_input_is_one_line(trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(capsys, ["compare", str(tmp_path / "empty"), "--out", out], "empty", "not a run")
     _fails(capsys, ["compare", str(base), "--metric", "nope", "--out", out], "--metric nope")
+    again = str(base) + "/."
+    _fails(capsys, ["compare", str(base), again, "--out", out], again, "the same run as")
     _fails(capsys, ["compare", str(base), "--out", str(tmp_path)], "--out", "directory")
     before = (base / "curves.png").read_bytes()
     _fails(capsys, ["compare", str(base), "--out", str(base / "curves.png")], "curves.png")

@@ -1,4 +1,5 @@
-"""Export a classifier with its input normalization folded in, verified before it is written.
+"""Export a classifier (its input normalization folded in) or a detector, verified before it
+is written.
 
 The exported model takes raw images, not normalized tensors:
 
@@ -15,6 +16,10 @@ dependency, ``dynamic_axes`` for the batch) checked with onnxruntime, and TorchS
 (``torch.jit.trace``) checked by running the loaded module. Each export is serialized to
 memory, reloaded from those bytes and compared with the eager wrapper on real images; only a
 model whose logits agree within :data:`TOLERANCE` is returned for writing.
+
+Detectors (:func:`export_detector`) are traced to TorchScript behind :class:`Detecting`: one
+image of a fixed size in, a dict of detections out; the ops whose work depends on the data
+switch to traceable forms while ``torch.jit.is_tracing()`` (see the function).
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ __all__ = [
     "MAX_OPSET",
     "MIN_OPSET",
     "TOLERANCE",
+    "DETECTION_OUTPUTS",
+    "Detecting",
     "Exported",
     "InputSpec",
     "Normalized",
     "check_opset",
+    "detection_difference",
     "export",
+    "export_detector",
     "max_difference",
     "require_onnx",
 ]
@@ -113,6 +122,55 @@ class Exported:
     max_difference: float
     images: int
     detail: str  # "opset 17" / "traced"
+
+
+class Detecting(nn.Module):
+    """A detector behind one raw image: ``uint8 [3, H, W]`` (0..255) or ``float32 [3, H, W]`` in
+    ``[0, 1]``, of exactly the size it was exported at -> a dict of the detections, sorted by
+    decreasing score: ``boxes`` float32 ``[D, 4]`` (xyxy, pixels), ``labels`` int64 ``[D]``
+    (``1..K``), ``scores`` float32 ``[D]``; with a mask head ``masks`` float32 ``[D, 1, H, W]``
+    (probabilities; threshold at 0.5); with a keypoint head ``keypoints`` float32 ``[D, K, 3]``
+    (x, y, 1) and ``keypoints_scores`` float32 ``[D, K]``. The detector normalizes itself.
+    """
+
+    def __init__(self, model: nn.Module, input_kind: str, size: tuple[int, int]):
+        super().__init__()
+        if input_kind not in INPUT_KINDS:
+            raise ValueError(f"--input {input_kind!r}: expected one of {', '.join(INPUT_KINDS)}")
+        self.model = model
+        self.scale = 255.0 if input_kind == "uint8" else 1.0
+        self.size = (int(size[0]), int(size[1]))
+        self.eval()
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        if torch.jit.is_tracing():
+            # The graph holds the resize and anchors of this size: refuse any other, at run time.
+            _scripted(_check_image_size)(image, self.size[0], self.size[1])
+        out = self.model([image.float() / self.scale])[0]
+        keys = [k for k in DETECTION_OUTPUTS if k in out]
+        return {k: out[k] for k in keys}
+
+
+# What an exported detector returns, of the eager model's outputs (the box-local mask_probs and
+# keypoint_heatmaps are internals the pasted masks and the keypoints already carry).
+DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks", "keypoints", "keypoints_scores")
+
+
+def _check_image_size(image: Tensor, height: int, width: int) -> Tensor:
+    if image.dim() != 3 or image.size(0) != 3 or image.size(1) != height or image.size(2) != width:
+        raise ValueError(
+            "this exported detector takes one image [3, " + str(height) + ", " + str(width) + "]"
+        )
+    return image
+
+
+_SCRIPTED: dict = {}
+
+
+def _scripted(fn):
+    if fn not in _SCRIPTED:
+        _SCRIPTED[fn] = torch.jit.script(fn)
+    return _SCRIPTED[fn]
 
 
 def require_onnx() -> None:
@@ -252,3 +310,93 @@ def export(
             f"{diff:.3g} > {TOLERANCE:g} on {inputs.shape[0]} images; nothing written"
         )
     return Exported(data=data, max_difference=diff, images=int(inputs.shape[0]), detail=detail)
+
+
+def _detector_bytes(wrapper: Detecting, example: Tensor) -> bytes:
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit", category=DeprecationWarning)
+        # The shape checks that the trace folds (the graph is checked on real images below).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapper, (example,), check_trace=False, strict=False)
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+def detection_difference(
+    run: Callable[[Tensor], dict[str, Tensor]], wrapper: Detecting, inputs: Sequence[Tensor]
+) -> float:
+    """Max |difference| over every output of ``run`` against ``wrapper`` on each of ``inputs``;
+    ValueError when the keys or shapes differ (another number of detections, say)."""
+    worst = 0.0
+    wrapper.eval()
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            expected, got = wrapper(x), run(x)
+            if list(got) != list(expected):
+                raise ValueError(
+                    f"the exported detector returns {list(got)}, expected {list(expected)}; "
+                    "nothing written"
+                )
+            for key, value in expected.items():
+                if got[key].shape != value.shape:
+                    raise ValueError(
+                        f"the exported detector's {key!r} has shape {list(got[key].shape)} on "
+                        f"verification image {i}, the eager model's {list(value.shape)}; "
+                        "nothing written"
+                    )
+                if value.numel():
+                    worst = max(worst, (got[key].double() - value.double()).abs().max().item())
+    return worst
+
+
+def export_detector(model: nn.Module, *, kind: str, images: Sequence[Tensor]) -> Exported:
+    """A detector (:class:`cnnkit.detection.rcnn.FasterRCNN`, with its mask / keypoint heads)
+    as TorchScript bytes behind :class:`Detecting`, checked against the eager model.
+
+    ``torch.jit.trace`` records the model on ``images[0]``; the parts whose work depends on the
+    data (NMS, the FPN level split of the RoIs, mask pasting) run as TorchScript functions or
+    as tensor operations while tracing, so the graph stays valid for any number of
+    proposals and detections. The input size is fixed: every ``images`` (``uint8 [3, H, W]``,
+    cast to ``kind``) must have the size of the first, and a blank and a white image of that
+    size are checked too (no detections: the empty paths). Outputs must agree within
+    :data:`TOLERANCE` (boxes in pixels, scores, mask probabilities, keypoints).
+
+    Raises:
+        ValueError: one line: a detector that cannot be exported (proposals from outside,
+            RoI max pooling), images of another size, or outputs that differ.
+    """
+    if not getattr(model, "has_rpn", False):
+        raise ValueError(
+            "only detectors with an RPN export: a Fast R-CNN model (rpn=False) takes its "
+            "proposals from outside the graph"
+        )
+    if model.roi_heads.pooler.op != "align":
+        raise ValueError(
+            f"roi_op {model.roi_heads.pooler.op!r} cannot be traced yet; models with roi_op "
+            "'align' export"
+        )
+    if not images:
+        raise ValueError("verification needs at least one image")
+    size = tuple(images[0].shape[-2:])
+    for i, im in enumerate(images):
+        if im.dtype != torch.uint8 or im.dim() != 3 or tuple(im.shape) != (3, *size):
+            raise ValueError(
+                f"verification image {i}: expected uint8 [3, {size[0]}, {size[1]}], got "
+                f"{im.dtype} {list(im.shape)}"
+            )
+    wrapper = Detecting(model, kind, size)
+    cast = (lambda x: x) if kind == "uint8" else (lambda x: x.float() / 255)
+    inputs = [cast(im) for im in images]
+    inputs += [
+        torch.zeros_like(inputs[0]),
+        torch.full_like(inputs[0], 255 if kind == "uint8" else 1),
+    ]
+    data = _detector_bytes(wrapper, inputs[0])
+    diff = detection_difference(_torchscript_runner(data), wrapper, inputs)
+    if not diff <= TOLERANCE:  # NaN fails too
+        raise ValueError(
+            f"the exported detector differs from the eager model: max |difference| {diff:.3g} "
+            f"> {TOLERANCE:g} on {len(inputs)} images; nothing written"
+        )
+    return Exported(data=data, max_difference=diff, images=len(inputs), detail="traced")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from cnnkit.detection.paste import masks_to_rles, paste_masks
+from cnnkit.detection.paste import masks_to_rles, paste_masks, paste_masks_dense
 
 
 def reference_paste(mask: np.ndarray, box, height: int, width: int) -> np.ndarray:
@@ -127,3 +127,33 @@ def test_bad_arguments():
         paste_masks(torch.zeros(2, 1, 28, 28), torch.zeros(3, 4), (10, 10))
     with pytest.raises(ValueError, match="image_size"):
         masks_to_rles(torch.zeros(1, 1, 28, 28), torch.zeros(1, 4), (0, 10))
+
+
+def test_dense_paste_of_exported_models_equals_the_paste():
+    """paste_masks_dense (every pixel, tensor operations: what a traced model runs) gives the
+    box-by-box paste bit for bit, for boxes inside, across and outside the image, thin or empty,
+    and for no masks at all."""
+    gen = torch.Generator().manual_seed(3)
+    corner = torch.rand(40, 2, generator=gen) * 90 - 20
+    size = torch.rand(40, 2, generator=gen) * 50
+    size[:4] = torch.tensor([[0.0, 5.0], [0.3, 0.3], [200.0, 1.0], [50.0, 0.0]])
+    boxes = torch.cat([corner, corner + size], 1)
+    masks = torch.rand(40, 1, 28, 28, generator=gen)
+    for n in (0, 1, 40):
+        dense = paste_masks_dense(masks[:n], boxes[:n], (61, 75))
+        assert torch.equal(dense, paste_masks(masks[:n], boxes[:n], (61, 75)))
+    assert dense.count_nonzero() > 0
+
+
+def test_traced_paste_follows_the_number_of_masks():
+    gen = torch.Generator().manual_seed(4)
+    masks, boxes = torch.rand(5, 1, 28, 28, generator=gen), torch.rand(5, 4, generator=gen) * 30
+    boxes[:, 2:] += boxes[:, :2]
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            lambda m, b: paste_masks(m, b, (40, 50)), (masks[:2], boxes[:2]), check_trace=False
+        )
+    for n in (0, 1, 5):
+        assert torch.equal(
+            traced(masks[:n], boxes[:n]), paste_masks(masks[:n], boxes[:n], (40, 50))
+        )

@@ -306,3 +306,33 @@ def test_half_precision_and_grad_boxes(n):
     assert torch.equal(
         batched_nms(leaf, scores, labels, 0.5), batched_nms(boxes, scores, labels, 0.5)
     )
+
+
+# --------------------------------------------------------------------- traced (exported) models
+
+
+def _traced(fn, *example):
+    with torch.no_grad():
+        return torch.jit.trace(fn, example, check_trace=False)
+
+
+def test_traced_nms_is_greedy_on_inputs_unlike_its_example():
+    """A model exported by tracing keeps NMS as a scripted loop: on inputs of other sizes,
+    categories and densities than the one it was traced on, it returns the eager result."""
+    batched = _traced(lambda b, s, c: batched_nms(b, s, c, 0.5), *_inputs(40, seed=0, classes=3))
+    plain = _traced(lambda b, s: nms(b, s, 0.7), *_inputs(40, seed=0, classes=1)[:2])
+    # Empty; few (shifted categories); many (> 1,000 boxes: the re-sorted path); ties.
+    for n, seed, classes in [(0, 1, 2), (7, 2, 1), (300, 3, 5), (1500, 4, 4)]:
+        boxes, scores, labels = _inputs(n, seed, classes)
+        assert torch.equal(batched(boxes, scores, labels), batched_nms(boxes, scores, labels, 0.5))
+        expected = per_class_greedy(boxes, scores, labels, 0.5, classes)
+        assert sorted(batched(boxes, scores, labels).tolist()) == sorted(expected)
+        assert torch.equal(plain(boxes, scores), nms(boxes, scores, 0.7))
+        assert plain(boxes, scores).tolist() == greedy_torch(boxes, scores, 0.7)
+
+
+def _inputs(n: int, seed: int, classes: int):
+    gen = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(n, seed, extent=120.0, dtype=torch.float32)
+    scores = torch.randint(0, 64, (n,), generator=gen).float() / 64  # many equal scores
+    return boxes, scores, torch.randint(0, classes, (n,), generator=gen)

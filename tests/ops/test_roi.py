@@ -478,3 +478,32 @@ def test_multiscale_roi_align_low_precision_features(dtype):
     want = pooler({n: f.float() for n, f in feats.items()}, boxes, [(1024, 1024)]).to(dtype)
     assert got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+
+
+def test_traced_roi_align_follows_the_number_of_rois():
+    """An exported (traced) model pools however many RoIs come at run time, none included,
+    although its example had 3 (the eager path chunks and groups them in Python)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 4, 12, 16, generator=gen)
+
+    def pool(feature, rois):
+        return roi_align(feature, rois, (3, 2), 0.5, 2, True)
+
+    def rois(k):
+        corner = torch.rand(k, 2, generator=gen) * 20
+        index = torch.randint(0, 2, (k, 1), generator=gen).float()
+        return torch.cat([index, corner, corner + torch.rand(k, 2, generator=gen) * 20 + 1], 1)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(pool, (x, rois(3)), check_trace=False)
+    for k in (0, 1, 3, 40):
+        r = rois(k)
+        assert traced(x, r).shape == (k, 4, 3, 2)
+        torch.testing.assert_close(traced(x, r), pool(x, r), rtol=0, atol=0)
+
+
+def test_tracing_refuses_adaptive_sampling():
+    with pytest.raises(ValueError, match="sampling_ratio > 0"):
+        torch.jit.trace(
+            lambda f, r: roi_align(f, r, 2, 1.0, -1), (torch.rand(1, 1, 8, 8), torch.ones(1, 5))
+        )

@@ -75,6 +75,16 @@ def _labels(paths: list[Path], given: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- compare
 
 
+def _check_distinct(paths: list[Path], given: list[str]) -> None:
+    """ValueError when one run is named twice (two identical columns say nothing)."""
+    seen: dict[Path, str] = {}
+    for path, name in zip(paths, given, strict=True):
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"{name}: the same run as {seen[key]}; name each run once")
+        seen[key] = name
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from cnnkit.train.compare import (
         check_figure_path,
@@ -91,6 +101,7 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_figure_path(out)  # before the work: a bad --out fails fast
     runs = [load_run(path) for path in args.runs]
+    _check_distinct([r.path for r in runs], args.runs)
     check_metric(runs, args.metric)
     labels = _labels([r.path for r in runs], args.runs)
 

@@ -1,4 +1,4 @@
-"""`cnnkit export RUN_DIR --format onnx|torchscript`: a deployable classifier, verified first.
+"""`cnnkit export RUN_DIR --format onnx|torchscript`: a deployable model, verified first.
 
 The exported model takes raw images (``--input uint8``: ``uint8 [N, C, H, W]`` 0..255, the
 default; ``--input float``: ``float32`` in ``[0, 1]``) at the run's input size, with the run's
@@ -6,6 +6,11 @@ normalization folded in, and returns logits ``float32 [N, K]``; ``N`` is 1 for O
 ``--dynamic-batch``, any for TorchScript. Before anything is written its
 logits are compared with the eager model's on the first images of the run's test split (read as
 `cnnkit evaluate` reads them); a difference above 1e-4 writes nothing and exits 2.
+
+A detection run (`cnnkit detect train`) exports to TorchScript only: one image ``[3, H, W]``
+of a fixed size (that of its val split's first image) in, a dict of the detections out
+(:class:`cnnkit.export.Detecting`), verified on the first val images and on a blank and a
+white image (every output within 1e-4).
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="a classifier run as ONNX or TorchScript, normalization folded in, verified",
+        help="a run as ONNX or TorchScript (detectors: TorchScript), verified",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `cnnkit train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="run directory written by `cnnkit train` or `cnnkit detect train`",
+    )
     p.add_argument("--format", choices=FORMATS, required=True, help="onnx | torchscript")
     p.add_argument(
         "--out",
@@ -98,11 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.run_dir)
     config = read_config(run_dir)
     if _is_detection(config):
-        raise ValueError(
-            f"{run_dir} is a detection run: `cnnkit export` writes classification runs "
-            "(onnx and torchscript); detectors cannot be exported yet (torch.jit.script and "
-            "torch.jit.trace both fail on their Python-side box decoding and postprocessing)"
-        )
+        return _export_detector(args, run_dir)
     data = _data_section(run_dir, config, "mean", "std", "input_size")
     channels, height, width = _input_size(run_dir, data)
     out = _out_path(run_dir, args.format, args.out, args.overwrite)
@@ -132,5 +137,63 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"verified on {source}: max |logit difference| {result.max_difference:.2g} "
         f"(tolerance {TOLERANCE:g})"
+    )
+    return 0
+
+
+def _detector_images(run_dir: Path, config: dict) -> tuple[list, str]:
+    """The first :data:`VERIFY_IMAGES` images of the run's val split (read as `cnnkit detect
+    predict` reads files), those of the first one's size, and a label."""
+    from cnnkit.cli.detect import _read_rgb
+    from cnnkit.data.detection import load_detection
+
+    spec = (config.get("data") or {}).get("spec")
+    if not isinstance(spec, str):
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing")
+    val = load_detection(spec).val
+    images = []
+    for i in range(min(len(val.file_names), 4 * VERIFY_IMAGES)):
+        image = _read_rgb(str(Path(val.image_dir) / val.file_names[i]))
+        if not images or image.shape == images[0].shape:
+            images.append(image)
+        if len(images) == VERIFY_IMAGES:
+            break
+    if not images:
+        raise ValueError(f"--data {spec}: the val split has no images to verify the export on")
+    h, w = images[0].shape[-2:]
+    return images, f"the first {len(images)} {h}x{w} images of {spec}'s val split"
+
+
+def _export_detector(args: argparse.Namespace, run_dir: Path) -> int:
+    from cnnkit.atomic import atomic_write_bytes
+    from cnnkit.cli.detect import _load_run
+    from cnnkit.export import TOLERANCE, export_detector
+
+    if args.format != "torchscript":
+        raise ValueError(
+            f"{run_dir} is a detection run: detectors export with --format torchscript (ONNX "
+            "would need NMS and RoIAlign as ONNX operators; not yet)"
+        )
+    if args.dynamic_batch:
+        raise ValueError("--dynamic-batch: an exported detector takes one image per call")
+    out = _out_path(run_dir, args.format, args.out, args.overwrite)
+    model, config = _load_run(str(run_dir))
+    images, source = _detector_images(run_dir, config)
+    result = export_detector(model, kind=args.input, images=images)
+    atomic_write_bytes(out, result.data)
+    h, w = images[0].shape[-2:]
+    dtype, values = ("uint8", "0..255") if args.input == "uint8" else ("float32", "[0, 1]")
+    outputs = ["boxes [D, 4]", "labels [D]", "scores [D]"]
+    if model.has_masks:
+        outputs.append(f"masks [D, 1, {h}, {w}]")
+    if model.num_keypoints:
+        k = model.num_keypoints
+        outputs += [f"keypoints [D, {k}, 3]", f"keypoints_scores [D, {k}]"]
+    print(f"wrote {out} (torchscript, traced, {len(result.data) / 1024:.0f} KiB)")
+    print(f"input: one image {dtype} [3, {h}, {w}], values {values} (this size only)")
+    print(f"output: a dict of {', '.join(outputs)}")
+    print(
+        f"verified on {source} and a blank and a white image: max |difference| "
+        f"{result.max_difference:.2g} (tolerance {TOLERANCE:g})"
     )
     return 0

@@ -271,7 +271,7 @@ class KeypointHead(InstanceHead):
         counts = [int(b.shape[0]) for b in boxes]
         rois = torch.cat(boxes).to(torch.float32)
         k, size = self.num_keypoints, self.heatmap_size
-        if rois.shape[0] == 0:
+        if rois.shape[0] == 0 and not torch.jit.is_tracing():
             heatmaps = rois.new_zeros((0, k, size, size))
         else:
             pooled, order = self.pooler.pool_sorted(features, boxes, image_shapes)
@@ -280,6 +280,11 @@ class KeypointHead(InstanceHead):
                 heatmaps = heatmaps[torch.argsort(order)]
         xy, scores = heatmaps_to_keypoints(heatmaps, rois)
         keypoints = torch.cat((xy, torch.ones_like(xy[..., :1])), dim=2)
+        if len(detections) == 1:  # no split: a traced model must not bake the count in
+            det = detections[0]
+            det["keypoints"], det["keypoints_scores"] = keypoints, scores
+            det["keypoint_heatmaps"] = heatmaps
+            return
         for det, kp, sc, hm in zip(
             detections,
             keypoints.split(counts),

@@ -267,7 +267,7 @@ class MaskHead(InstanceHead):
         boxes = [d["boxes"] for d in detections]
         labels = torch.cat([d["labels"] for d in detections])
         size = self.resolution
-        if labels.numel() == 0:
+        if labels.numel() == 0 and not torch.jit.is_tracing():
             for d in detections:
                 d["mask_probs"] = d["boxes"].new_zeros((0, 1, size, size), dtype=torch.float32)
             return
@@ -279,5 +279,8 @@ class MaskHead(InstanceHead):
         probs = torch.sigmoid(probs.float())[:, None]
         if order is not None:
             probs = probs[torch.argsort(order)]
+        if len(detections) == 1:  # no split: a traced model must not bake the count in
+            detections[0]["mask_probs"] = probs
+            return
         for d, p in zip(detections, probs.split([len(b) for b in boxes]), strict=True):
             d["mask_probs"] = p

@@ -36,7 +36,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-__all__ = ["masks_to_rles", "paste_masks"]
+__all__ = ["masks_to_rles", "paste_masks", "paste_masks_dense"]
 
 
 def _check(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int]) -> tuple[int, int]:
@@ -121,6 +121,44 @@ def _zeros(shape: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.from_numpy(np.zeros(shape, dtype=np.float32))
 
 
+def _dense_axis(lo: Tensor, hi: Tensor, cells: int, limit: int) -> tuple[Tensor, ...]:
+    """:func:`_axis_taps` for every pixel ``0..limit-1`` of every mask (``lo, hi: [N]``):
+    ``(inside bool, low, high int64, frac float32)``, each ``[N, limit]``, the same float
+    operations, so the two pastes agree bit for bit inside the boxes."""
+    lo, hi = lo.double()[:, None], hi.double()[:, None]
+    first = torch.ceil(lo - 0.5).clamp(0, limit)
+    end = torch.maximum(torch.ceil(hi - 0.5).clamp(max=limit), first)
+    pixel = torch.arange(limit, device=lo.device, dtype=torch.float64)[None]
+    inside = (pixel >= first) & (pixel < end)
+    u = ((pixel + 0.5 - lo) * (cells / (hi - lo).clamp(min=1e-6)) - 0.5).clamp(0, cells - 1)
+    low = u.floor().long()
+    return inside, low, (low + 1).clamp(max=cells - 1), (u - low).float()
+
+
+def paste_masks_dense(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """:func:`paste_masks` computed on every pixel of every mask (``O(N H W)``) with tensor
+    operations only: what a traced (exported) model runs, since the box sizes are data.
+
+    ``mask_probs [N, 1, M_h, M_w]``, ``boxes [N, 4]``, ``image_size (H, W)`` ->
+    float32 ``[N, 1, H, W]``.
+    """
+    masks = mask_probs[:, 0].float()  # [N, M_h, M_w]
+    boxes = boxes.to(masks.device)
+    n, cells_h, cells_w = masks.shape
+    height, width = image_size
+    y_in, y_lo, y_hi, y_frac = _dense_axis(boxes[:, 1], boxes[:, 3], cells_h, height)
+    x_in, x_lo, x_hi, x_frac = _dense_axis(boxes[:, 0], boxes[:, 2], cells_w, width)
+    # Separable bilinear interpolation, along y then x, as _regions.
+    rows_lo = masks.gather(1, y_lo[:, :, None].expand(n, height, cells_w))
+    rows_hi = masks.gather(1, y_hi[:, :, None].expand(n, height, cells_w))
+    rows = torch.lerp(rows_lo, rows_hi, y_frac[:, :, None])  # [N, H, M_w]
+    cols_lo = rows.gather(2, x_lo[:, None, :].expand(n, height, width))
+    cols_hi = rows.gather(2, x_hi[:, None, :].expand(n, height, width))
+    values = torch.lerp(cols_lo, cols_hi, x_frac[:, None, :])  # [N, H, W]
+    inside = y_in[:, :, None] & x_in[:, None, :]
+    return torch.where(inside, values, torch.zeros_like(values))[:, None]
+
+
 def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int]) -> Tensor:
     """Paste box-local masks into an image of ``image_size = (H, W)``.
 
@@ -135,6 +173,8 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int]) ->
         area.
     """
     height, width = _check(mask_probs, boxes, image_size)
+    if torch.jit.is_tracing():
+        return paste_masks_dense(mask_probs, boxes, (height, width))
     out = _zeros((mask_probs.shape[0], 1, height, width), mask_probs.device)
     for i, region, y0, x0 in _regions(mask_probs, boxes, (height, width)):
         out[i, 0, y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region

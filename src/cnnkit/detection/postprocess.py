@@ -76,8 +76,11 @@ def postprocess_detections(
     num_classes = class_logits.shape[1]  # K + 1
     device = class_logits.device
     rois = torch.cat(list(proposals)).float() if proposals else class_logits.new_zeros((0, 4))
-    image = torch.repeat_interleave(
-        torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+    # Built from the proposals' own sizes, so a traced (exported) model keeps them dynamic.
+    image = (
+        torch.cat([torch.full_like(p[:, 0], i, dtype=torch.int64) for i, p in enumerate(proposals)])
+        if proposals
+        else rois.new_zeros((0,), dtype=torch.int64)
     )
     sizes = torch.tensor(image_shapes, device=device, dtype=torch.float32).view(-1, 2)
     # [R, K + 1, 4]: one box per class, clipped to its own image.
@@ -87,17 +90,19 @@ def postprocess_detections(
     # Drop the background column; flatten RoI x class.
     boxes = boxes[:, 1:].reshape(-1, 4)
     scores = scores[:, 1:].reshape(-1)
-    labels = torch.arange(1, num_classes, device=device).repeat(len(rois))
+    labels = torch.arange(1, num_classes, device=device).expand(rois.shape[0], -1).reshape(-1)
     image = image.repeat_interleave(num_classes - 1)
     wh = boxes[:, 2:] - boxes[:, :2]
     keep = (scores > score_thresh) & (wh >= min_size).all(dim=1)
     idx = torch.where(keep)[0]
     boxes, scores, labels, image = boxes[idx], scores[idx], labels[idx], image[idx]
-    per_image = torch.bincount(image, minlength=len(counts)).tolist()
+    if len(counts) == 1:  # no split: a traced model must not bake the count in
+        per_image = [(boxes, scores, labels)]
+    else:
+        n = torch.bincount(image, minlength=len(counts)).tolist()
+        per_image = zip(boxes.split(n), scores.split(n), labels.split(n), strict=True)
     results = []
-    for b, s, lab in zip(
-        boxes.split(per_image), scores.split(per_image), labels.split(per_image), strict=True
-    ):
+    for b, s, lab in per_image:
         kept = batched_nms(b, s, lab, nms_thresh)
         if nms_trace is not None:
             nms_trace.append((b, s, lab, kept))

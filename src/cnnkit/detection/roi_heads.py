@@ -189,6 +189,14 @@ class RoIPooler(nn.Module):
         k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
         levels = fpn_levels(rois[:, 1:], k_min, k_max)
         order = torch.argsort(levels, stable=True)
+        if torch.jit.is_tracing():
+            # The level sizes are data: split by masks, not by a Python list of counts.
+            sorted_rois, sorted_levels = rois[order], levels[order]
+            parts = [
+                self._pool(feature, sorted_rois[sorted_levels == level], scale)
+                for level, (feature, scale) in enumerate(zip(maps, scales, strict=True))
+            ]
+            return torch.cat(parts), order
         counts = torch.bincount(levels, minlength=len(maps)).tolist()
         pooled = [
             self._pool(feature, part, scale)

@@ -56,6 +56,8 @@ __all__ = ["batched_nms", "nms"]
 # adjacency and the per-block-pair overhead grow as B^2).
 _BLOCK_SIZES = ((4096, 32),)
 _BLOCK = 64
+# batched_nms shifts categories apart (one nms call) up to this many box coordinates.
+_SHIFT_MAX_NUMEL, _SHIFT_MAX_NUMEL_CUDA = 4000, 100_000
 # Box pairs compared per chunk (the chunk size adapts to it): long enough vectors to amortize
 # the per-chunk overhead, short enough that few candidates die inside their own chunk.
 _CHUNK_PAIRS = 1 << 18
@@ -541,6 +543,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         int64 ``Tensor[K]``: indices of the kept boxes by decreasing score (ties: input order).
     """
     _check(boxes, scores, iou_threshold)
+    if torch.jit.is_tracing():
+        return _traceable_nms(boxes, scores, None, iou_threshold)
     return _nms(boxes, scores, iou_threshold, None)
 
 
@@ -561,7 +565,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         raise TypeError(f"idxs must be a torch.Tensor, got {type(idxs).__name__}")
     if idxs.shape != scores.shape:
         raise ValueError(f"idxs must have shape [{scores.shape[0]}], got {list(idxs.shape)}")
-    many = boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000)
+    if torch.jit.is_tracing():
+        return _traceable_nms(boxes, scores, idxs, iou_threshold)
+    many = boxes.numel() > (
+        _SHIFT_MAX_NUMEL if boxes.device.type == "cpu" else _SHIFT_MAX_NUMEL_CUDA
+    )
     if boxes.numel() and not many:
         # torchvision's choice for few boxes: shift each category by (max coordinate + 1) and
         # run one nms. The IoU is then computed on shifted coordinates, whose rounding we
@@ -578,3 +586,67 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         keep = keep.sort().values
         keep = keep[scores[keep].sort(descending=True)[1]]
     return keep
+
+
+# --------------------------------------------------------------------- traced (exported) models
+
+
+def _greedy_scan(
+    boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, shift_max_numel: int
+) -> Tensor:
+    """The textbook greedy loop, in the TorchScript subset: visit boxes by decreasing score
+    (stable), keep one unless suppressed, suppress the later boxes of its label with
+    ``IoU > threshold``. ``O(N * kept)``; the IoU uses the float operations of
+    :func:`_dense_edges` (torchvision's), so the result is :func:`batched_nms`'s.
+
+    A traced model cannot run :func:`_nms` (numpy, data-dependent Python loops): scripted,
+    this loop stays a loop in the exported graph. ``boxes`` ``[N, 4]`` float, ``scores`` ``[N]``,
+    ``labels`` ``[N]`` int64 -> kept indices ``[K]`` int64.
+    """
+    many = boxes.numel() > shift_max_numel
+    if not many and boxes.size(0) > 0:
+        # batched_nms's few-box path compares shifted boxes: the same rounding, the same result.
+        boxes = boxes + (labels.to(boxes.dtype) * (boxes.max() + 1))[:, None]
+    order = torch.sort(scores, descending=True, stable=True)[1]
+    b = boxes[order]
+    lab = labels[order]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    area = (x2 - x1) * (y2 - y1)
+    removed = torch.zeros(b.size(0), dtype=torch.bool, device=b.device)
+    keep = torch.zeros(b.size(0), dtype=torch.bool, device=b.device)
+    for i in range(b.size(0)):
+        if not bool(removed[i]):
+            keep[i] = True
+            w = (torch.minimum(x2[i], x2) - torch.maximum(x1[i], x1)).clamp(min=0)
+            h = (torch.minimum(y2[i], y2) - torch.maximum(y1[i], y1)).clamp(min=0)
+            inter = w * h
+            iou = inter / (area[i] + area - inter)
+            removed = removed | ((iou > threshold) & (lab == lab[i]))
+    kept = order[keep]
+    if many:  # batched_nms's order of equal scores on its many-box path
+        kept = kept.sort()[0]
+        kept = kept[scores[kept].sort(descending=True)[1]]
+    return kept
+
+
+_scripted_scan: list = []
+
+
+def _traceable_nms(
+    boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float
+) -> Tensor:
+    """:func:`nms` / :func:`batched_nms` while ``torch.jit.trace`` records a model: a call of
+    the scripted :func:`_greedy_scan` (compiled once), which the trace keeps as a call."""
+    if not _scripted_scan:
+        _scripted_scan.append(torch.jit.script(_greedy_scan))
+    b = boxes.detach()
+    if b.dtype not in (torch.float32, torch.float64):
+        b = b.float()
+    labels = torch.zeros_like(scores, dtype=torch.long) if idxs is None else idxs.long()
+    threshold = _threshold_for(b.dtype, float(iou_threshold))
+    # batched_nms shifts the categories apart up to this many coordinates and re-sorts beyond;
+    # nms does neither (one category: the shift adds 0).
+    shift_max = _SHIFT_MAX_NUMEL if b.device.type == "cpu" else _SHIFT_MAX_NUMEL_CUDA
+    if idxs is None:
+        shift_max = 2**62
+    return _scripted_scan[0](b, scores, labels, threshold, shift_max)

@@ -98,7 +98,9 @@ def _prepare(
     rois = convert_boxes_to_rois(boxes, input)
     ph, pw = _pair(output_size)
     k, c = rois.shape[0], input.shape[1]
-    if k == 0 or input.numel() == 0:
+    # A traced (exported) graph must not keep the branch its example took: the sampling path
+    # handles K = 0 as well.
+    if (k == 0 or input.numel() == 0) and not torch.jit.is_tracing():
         return rois, (ph, pw), input.new_zeros((k, c, ph, pw)) + 0 * input.sum()
     return rois, (ph, pw), None
 
@@ -136,11 +138,7 @@ class _WeightedGather(torch.autograd.Function):
     def forward(ctx, rows, index, weight, bins, dtype):  # type: ignore[override]
         ctx.save_for_backward(index, weight)
         ctx.num_rows = rows.shape[0]
-        c = rows.shape[1]
-        k = index.shape[0] // bins
-        gathered = F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
-        out = rows.new_empty((k, c, bins), dtype=dtype)
-        return out.copy_(gathered.view(k, bins, c).transpose(1, 2))
+        return _gather_bins(rows, index, weight, bins, dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -152,6 +150,15 @@ class _WeightedGather(torch.autograd.Function):
         rows_grad.copy_(grad.transpose(1, 2))
         rows_grad = rows_grad.view(k * bins, c)
         return _transposed_gather(rows_grad, index, weight, ctx.num_rows), None, None, None, None
+
+
+def _gather_bins(rows: Tensor, index: Tensor, weight: Tensor, bins: int, dtype) -> Tensor:
+    """The forward map of :class:`_WeightedGather` -> ``[K, C, bins]``."""
+    c = rows.shape[1]
+    k = index.shape[0] // bins
+    gathered = F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+    out = rows.new_empty((k, c, bins), dtype=dtype)
+    return out.copy_(gathered.view(k, bins, c).transpose(1, 2))
 
 
 def _transposed_gather(grad: Tensor, index: Tensor, weight: Tensor, num_rows: int) -> Tensor:
@@ -248,7 +255,10 @@ def _roi_align_group(
     taps = 4 * gh * gw
     index = index.reshape(k * ph * pw, taps)
     weight = weight.reshape(k * ph * pw, taps)
-    out = _WeightedGather.apply(rows, index, weight, ph * pw, dtype)
+    if torch.jit.is_tracing():  # an exported graph holds no Python autograd Function
+        out = _gather_bins(rows, index, weight, ph * pw, dtype)
+    else:
+        out = _WeightedGather.apply(rows, index, weight, ph * pw, dtype)
     return out.view(k, rows.shape[1], ph, pw)
 
 
@@ -305,6 +315,17 @@ def _roi_align(
     k = rois.shape[0]
     rows = _channels_last_rows(input, rois.dtype)
     shape = (n, height, width)
+    if torch.jit.is_tracing():
+        # An exported graph keeps no data-dependent Python loop: one grid, one chunk.
+        if sampling_ratio <= 0:
+            raise ValueError(
+                "roi_align: a traced (exported) model needs sampling_ratio > 0; adaptive "
+                "sampling groups the RoIs by size in Python"
+            )
+        grid = (sampling_ratio, sampling_ratio)
+        return _roi_align_group(
+            rows, rois, shape, (ph, pw), spatial_scale, grid, aligned, input.dtype
+        )
     groups = _align_grids(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     values, where = [], []
     for (gh, gw), idx in groups:
