@@ -150,7 +150,7 @@ def test_mismatch_writes_nothing(run, tmp_path, capsys, monkeypatch):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_detection_run_exports_to_torchscript_only(tmp_path, capsys):
+def test_detection_run_refuses_a_dynamic_batch(tmp_path, capsys):
     from cnnkit.train.checkpoint import save_model
 
     model = cnnkit.create_model(
@@ -159,6 +159,6 @@ def test_detection_run_exports_to_torchscript_only(tmp_path, capsys):
     )  # fmt: skip
     run = tmp_path / "det"
     save_model(model, run, data={"task": "detection"}, train={"task": "detection"})
-    _fails(capsys, ["export", str(run), "--format", "onnx"],
-           "detection run: detectors export with --format torchscript")  # fmt: skip
+    _fails(capsys, ["export", str(run), "--format", "onnx", "--dynamic-batch"],
+           "--dynamic-batch: an exported detector takes one image per call")  # fmt: skip
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors"]

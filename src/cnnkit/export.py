@@ -42,10 +42,12 @@ __all__ = [
     "MIN_OPSET",
     "TOLERANCE",
     "DETECTION_OUTPUTS",
+    "DETECTOR_INPUT",
     "Detecting",
     "Exported",
     "InputSpec",
     "Normalized",
+    "check_detector_opset",
     "check_opset",
     "detection_difference",
     "export",
@@ -154,6 +156,7 @@ class Detecting(nn.Module):
 # What an exported detector returns, of the eager model's outputs (the box-local mask_probs and
 # keypoint_heatmaps are internals the pasted masks and the keypoints already carry).
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks", "keypoints", "keypoints_scores")
+DETECTOR_INPUT = "image"
 
 
 def _check_image_size(image: Tensor, height: int, width: int) -> Tensor:
@@ -312,6 +315,19 @@ def export(
     return Exported(data=data, max_difference=diff, images=int(inputs.shape[0]), detail=detail)
 
 
+# ONNX's RoiAlign has coordinate_transformation_mode (aligned or legacy boxes) from opset 16.
+MIN_DETECTOR_OPSET = 16
+
+
+def check_detector_opset(opset: int) -> None:
+    check_opset(opset)
+    if opset < MIN_DETECTOR_OPSET:
+        raise ValueError(
+            f"--opset {opset}: ONNX's RoiAlign tells aligned from legacy boxes from opset "
+            f"{MIN_DETECTOR_OPSET} on; use --opset {MIN_DETECTOR_OPSET} or later for a detector"
+        )
+
+
 def _detector_bytes(wrapper: Detecting, example: Tensor) -> bytes:
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -326,8 +342,10 @@ def _detector_bytes(wrapper: Detecting, example: Tensor) -> bytes:
 def detection_difference(
     run: Callable[[Tensor], dict[str, Tensor]], wrapper: Detecting, inputs: Sequence[Tensor]
 ) -> float:
-    """Max |difference| over every output of ``run`` against ``wrapper`` on each of ``inputs``;
-    ValueError when the keys or shapes differ (another number of detections, say)."""
+    """Max difference over every output of ``run`` against ``wrapper`` on each of ``inputs``:
+    absolute for values up to 1 (scores, mask probabilities), relative above (pixels, keypoint
+    logits: float32 carries ~7 digits whatever the magnitude); ValueError when the keys or
+    shapes differ (another number of detections, say)."""
     worst = 0.0
     wrapper.eval()
     with torch.no_grad():
@@ -346,17 +364,27 @@ def detection_difference(
                         "nothing written"
                     )
                 if value.numel():
-                    worst = max(worst, (got[key].double() - value.double()).abs().max().item())
+                    expected_ = value.double()
+                    diff = (got[key].double() - expected_).abs() / expected_.abs().clamp(min=1)
+                    worst = max(worst, diff.max().item())
     return worst
 
 
-def export_detector(model: nn.Module, *, kind: str, images: Sequence[Tensor]) -> Exported:
+def export_detector(
+    model: nn.Module,
+    *,
+    kind: str,
+    images: Sequence[Tensor],
+    fmt: str = "torchscript",
+    opset: int = DEFAULT_OPSET,
+) -> Exported:
     """A detector (:class:`cnnkit.detection.rcnn.FasterRCNN`, with its mask / keypoint heads)
-    as TorchScript bytes behind :class:`Detecting`, checked against the eager model.
+    as TorchScript or ONNX bytes behind :class:`Detecting`, checked against the eager model.
 
-    ``torch.jit.trace`` records the model on ``images[0]``; the parts whose work depends on the
-    data (NMS, the FPN level split of the RoIs, mask pasting) run as TorchScript functions or
-    as tensor operations while tracing, so the graph stays valid for any number of
+    ``torch.jit.trace`` (which the ONNX exporter runs too) records the model on ``images[0]``;
+    the parts whose work depends on the data (NMS, the FPN level split of the RoIs, mask
+    pasting) run as TorchScript functions or as tensor operations while tracing, and NMS as
+    ONNX's ``NonMaxSuppression`` in an ONNX export, so the graph stays valid for any number of
     proposals and detections. The input size is fixed: every ``images`` (``uint8 [3, H, W]``,
     cast to ``kind``) must have the size of the first, and a blank and a white image of that
     size are checked too (no detections: the empty paths). Outputs must agree within
@@ -392,11 +420,71 @@ def export_detector(model: nn.Module, *, kind: str, images: Sequence[Tensor]) ->
         torch.zeros_like(inputs[0]),
         torch.full_like(inputs[0], 255 if kind == "uint8" else 1),
     ]
-    data = _detector_bytes(wrapper, inputs[0])
-    diff = detection_difference(_torchscript_runner(data), wrapper, inputs)
+    if fmt == "onnx":
+        require_onnx()
+        check_detector_opset(opset)
+        data = _detector_onnx_bytes(wrapper, inputs[0], opset)
+        run, detail = _detector_onnx_runner(data), f"opset {opset}"
+    elif fmt == "torchscript":
+        data = _detector_bytes(wrapper, inputs[0])
+        run, detail = _torchscript_runner(data), "traced"
+    else:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    diff = detection_difference(run, wrapper, inputs)
     if not diff <= TOLERANCE:  # NaN fails too
         raise ValueError(
-            f"the exported detector differs from the eager model: max |difference| {diff:.3g} "
+            f"the exported detector differs from the eager model: max difference {diff:.3g} "
             f"> {TOLERANCE:g} on {len(inputs)} images; nothing written"
         )
-    return Exported(data=data, max_difference=diff, images=len(inputs), detail="traced")
+    return Exported(data=data, max_difference=diff, images=len(inputs), detail=detail)
+
+
+class _Outputs(nn.Module):
+    """:class:`Detecting` with a tuple of outputs in :data:`DETECTION_OUTPUTS` order (ONNX
+    graphs return tuples; the names are given to the exporter)."""
+
+    def __init__(self, detecting: Detecting):
+        super().__init__()
+        self.detecting = detecting
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.detecting(image).values())
+
+
+def _detector_onnx_bytes(wrapper: Detecting, example: Tensor, opset: int) -> bytes:
+    with torch.no_grad():
+        names = list(wrapper(example))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        # "...incorrect results if indices include negative values": the mask head's
+        # (arange, label) gather, whose indices never are.
+        warnings.filterwarnings("ignore", message=".*aten::index", category=UserWarning)
+        torch.onnx.export(
+            _Outputs(wrapper),
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=[DETECTOR_INPUT],
+            output_names=names,
+            dynamic_axes={name: {0: "detections"} for name in names},
+            opset_version=opset,
+        )
+    wrapper.eval()  # the exporter leaves the module in the mode it traced in
+    return buffer.getvalue()
+
+
+def _detector_onnx_runner(data: bytes) -> Callable[[Tensor], dict[str, Tensor]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        values = session.run(names, {DETECTOR_INPUT: x.numpy()})
+        return {n: torch.from_numpy(v) for n, v in zip(names, values, strict=True)}
+
+    return run

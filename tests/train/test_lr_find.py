@@ -7,14 +7,18 @@ import re
 
 import pytest
 
+from cnnkit.cli.lr_find import LEFT_OUT
 from cnnkit.cli.main import main
 from cnnkit.train.lr_find import (
     Smoother,
+    descent,
     exploded,
     rate_schedule,
     smooth,
     steepest,
     suggest,
+    suggestion_curve,
+    zero_phase,
 )
 
 TINY = ["--model-arg", "depth=8", "--model-arg", "widths=[4,8,16]", "--image-size", "16",
@@ -64,12 +68,86 @@ def test_steepest_point_of_a_synthetic_curve():
     losses = [2 - math.tanh(math.log10(r) + 3) + (3 * (math.log10(r) + 1) ** 2 if r > 0.1
               else 0) for r in rates]  # fmt: skip
     assert rates[steepest(rates, losses)] == pytest.approx(1e-3)
-    # The suggestion smooths both ways: no shift (within one step, 10 ** 0.03).
-    assert rates[suggest(rates, losses)] == pytest.approx(1e-3, rel=0.08)
+    # The two-way average does not shift it (within one step, 10 ** 0.03).
+    assert rates[steepest(rates, zero_phase(losses, 0.9))] == pytest.approx(1e-3, rel=0.08)
     # The one-way average of the stopping rule lags: its steepest point is > 0.5 decade late.
     assert rates[steepest(rates, smooth(losses))] > 10**-2.5
-    # A curve that only rises: the suggestion is its minimum, the first rate.
+    # A curve that only rises: the steepest point is its minimum, the first rate.
     assert steepest(rates[:5], [1.0, 2.0, 3.0, 4.0, 5.0]) == 0
+
+
+# 241 rates over 1e-6..1: 40 steps a decade, rate 10 ** (-6 + i / 40) at step i.
+RATES = rate_schedule(1e-6, 1.0, 241)
+
+
+def _valley(rate: float) -> float:
+    """Flat at 3 up to 1e-4, a cosine fall to 1 at 1e-1 (point-symmetric about its steepest
+    point, 10 ** -2.5), then the mirror image rising: a symmetric average moves neither."""
+    x = math.log10(rate)
+    if x <= -4:
+        return 3.0
+    if x <= -1:
+        return 2 + math.cos(math.pi * (x + 4) / 3)
+    return 2 - math.cos(math.pi * (x + 1) / 3)
+
+
+def _step(rate: float) -> int:
+    return round((math.log10(rate) + 6) * 40)
+
+
+def test_suggestion_is_the_geometric_middle_of_the_descent():
+    losses = [_valley(r) for r in RATES]
+    steep, bottom = descent(RATES, suggestion_curve(losses))
+    # Steepest at 10 ** -2.5 (step 140), bottom at 10 ** -1 (step 200; one step of slack: the
+    # average is one-sided at the end of the range).
+    assert steep == _step(10**-2.5) and abs(bottom - _step(0.1)) <= 1
+    # Midway on a log scale: sqrt(10 ** -2.5 * 10 ** -1) = 10 ** -1.75, step 170.
+    assert suggest(RATES, losses) == _step(10**-1.75)
+    # A ripple on the flat start (local minima at 10 ** -5.6, -5.1, -4.6) does not end the
+    # descent: it has not made half its fall there.
+    rippled = [v + (0.1 * math.sin(4 * math.pi * math.log10(r)) if r < 1e-4 else 0)
+               for v, r in zip(losses, RATES, strict=True)]  # fmt: skip
+    assert suggest(RATES, rippled) == _step(10**-1.75)
+
+
+def test_a_second_lower_dip_past_the_first_bottom_is_not_the_descent():
+    # The valley up to 10 ** -0.5, then a jump to 3 and a fall to 0.3 at 10 ** -0.2 (as batch
+    # norm's networks can do at rates far past the useful ones): lower than the first bottom
+    # and 9x steeper than the first descent. The suggestion stays with the first descent.
+    def loss(rate):
+        x = math.log10(rate)
+        if x <= -0.5:
+            return _valley(rate)
+        if x <= -0.4:
+            return _valley(10**-0.5) + (x + 0.5) / 0.1 * (3 - _valley(10**-0.5))
+        if x <= -0.2:
+            return 3 - (x + 0.4) / 0.2 * 2.7
+        return 0.3 + (x + 0.2) / 0.2 * 0.7
+
+    losses = [loss(r) for r in RATES]
+    steep, bottom = descent(RATES, suggestion_curve(losses))
+    # The jump 0.5 decade on lifts the average's bottom a little early: 3 steps of slack.
+    assert steep == _step(10**-2.5) and abs(bottom - _step(0.1)) <= 3
+    assert abs(suggest(RATES, losses) - _step(10**-1.75)) <= 2
+    # The rule it replaced (steepest point up to the global minimum) took the second dip.
+    assert RATES[steepest(RATES, zero_phase(losses, 0.9))] > 10**-0.5
+
+
+def test_the_exploding_tail_does_not_move_the_suggestion():
+    # The last three losses explode (as when the stopping rule ends the test), 38 steps past
+    # the bottom: capped at the first loss, they leave the suggestion where it was.
+    losses = [_valley(r) for r in RATES]
+    exploding = losses[:-3] + [50.0, 1e3, 1e4]
+    assert descent(RATES, suggestion_curve(exploding)) == descent(RATES, suggestion_curve(losses))
+    assert suggest(RATES, exploding) == _step(10**-1.75)
+    # Uncapped, the two-way average would carry 1e4 back and move the bottom by > 0.5 decade.
+    assert RATES[descent(RATES, zero_phase(exploding, 0.9))[1]] < 10**-1.5
+
+
+def test_a_curve_that_never_falls_suggests_its_first_rate():
+    assert descent(RATES[:5], [1.0, 2.0, 3.0, 4.0, 5.0]) == (0, 0)
+    assert suggest(RATES[:5], [1.0, 2.0, 3.0, 4.0, 5.0]) == 0
+    assert suggest(RATES[:3], [2.0, 2.0, 2.0]) == 0
 
 
 def test_suggestion_ignores_the_non_finite_tail():
@@ -139,3 +217,27 @@ def test_train_only_flags_are_refused(capsys):
         main(["lr-find", "--epochs", "3"])
     assert exc.value.code == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def _flags(command: str, capsys) -> set[str]:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    # The option column: "  --flag ..." or "  -h, --help" at the start of a line.
+    return set(re.findall(r"^ {2}(?:-\w, )?(--[a-z][a-z-]*)", capsys.readouterr().out, re.M))
+
+
+def test_takes_every_train_flag_but_those_left_out(capsys):
+    train, lr_find = _flags("train", capsys), _flags("lr-find", capsys)
+    # Each flag left out is one `cnnkit train` has (a misspelt name would leave the flag in).
+    assert train >= LEFT_OUT
+    own = {"--start", "--end", "--steps", "--out", "--quiet"}
+    assert lr_find - own == train - LEFT_OUT - own
+    assert {"--lr-batch", "--stream", "--in-memory", "--seed"} <= lr_find
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find"])
+def test_stream_and_in_memory_exclude_each_other(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--stream", "--in-memory"])
+    assert exc.value.code == 2
+    assert "not allowed with argument --stream" in capsys.readouterr().err

@@ -7,10 +7,10 @@ normalization folded in, and returns logits ``float32 [N, K]``; ``N`` is 1 for O
 logits are compared with the eager model's on the first images of the run's test split (read as
 `cnnkit evaluate` reads them); a difference above 1e-4 writes nothing and exits 2.
 
-A detection run (`cnnkit detect train`) exports to TorchScript only: one image ``[3, H, W]``
-of a fixed size (that of its val split's first image) in, a dict of the detections out
-(:class:`cnnkit.export.Detecting`), verified on the first val images and on a blank and a
-white image (every output within 1e-4).
+A detection run (`cnnkit detect train`) exports to TorchScript or ONNX: one image
+``[3, H, W]`` of a fixed size (that of its val split's first image) in, the detections out (a
+dict, or named ONNX outputs; :class:`cnnkit.export.Detecting`), verified on the first val
+images and on a blank and a white image (every output within 1e-4, relative above 1).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="a run as ONNX or TorchScript (detectors: TorchScript), verified",
+        help="a classifier or detector run as ONNX or TorchScript, verified",
     )
     p.add_argument(
         "run_dir",
@@ -167,19 +167,19 @@ def _detector_images(run_dir: Path, config: dict) -> tuple[list, str]:
 def _export_detector(args: argparse.Namespace, run_dir: Path) -> int:
     from cnnkit.atomic import atomic_write_bytes
     from cnnkit.cli.detect import _load_run
-    from cnnkit.export import TOLERANCE, export_detector
+    from cnnkit.export import TOLERANCE, check_detector_opset, export_detector, require_onnx
 
-    if args.format != "torchscript":
-        raise ValueError(
-            f"{run_dir} is a detection run: detectors export with --format torchscript (ONNX "
-            "would need NMS and RoIAlign as ONNX operators; not yet)"
-        )
     if args.dynamic_batch:
         raise ValueError("--dynamic-batch: an exported detector takes one image per call")
     out = _out_path(run_dir, args.format, args.out, args.overwrite)
+    if args.format == "onnx":
+        require_onnx()  # before the data is read: the fix is an install
+        check_detector_opset(args.opset)
     model, config = _load_run(str(run_dir))
     images, source = _detector_images(run_dir, config)
-    result = export_detector(model, kind=args.input, images=images)
+    result = export_detector(
+        model, kind=args.input, images=images, fmt=args.format, opset=args.opset
+    )
     atomic_write_bytes(out, result.data)
     h, w = images[0].shape[-2:]
     dtype, values = ("uint8", "0..255") if args.input == "uint8" else ("float32", "[0, 1]")
@@ -189,11 +189,12 @@ def _export_detector(args: argparse.Namespace, run_dir: Path) -> int:
     if model.num_keypoints:
         k = model.num_keypoints
         outputs += [f"keypoints [D, {k}, 3]", f"keypoints_scores [D, {k}]"]
-    print(f"wrote {out} (torchscript, traced, {len(result.data) / 1024:.0f} KiB)")
-    print(f"input: one image {dtype} [3, {h}, {w}], values {values} (this size only)")
-    print(f"output: a dict of {', '.join(outputs)}")
+    print(f"wrote {out} ({args.format}, {result.detail}, {len(result.data) / 1024:.0f} KiB)")
+    print(f"input 'image': one image {dtype} [3, {h}, {w}], values {values} (this size only)")
+    kind = "a dict of" if args.format == "torchscript" else "named outputs"
+    print(f"output: {kind} {', '.join(outputs)}")
     print(
-        f"verified on {source} and a blank and a white image: max |difference| "
-        f"{result.max_difference:.2g} (tolerance {TOLERANCE:g})"
+        f"verified on {source} and a blank and a white image: max difference "
+        f"{result.max_difference:.2g} (tolerance {TOLERANCE:g}, relative above 1)"
     )
     return 0

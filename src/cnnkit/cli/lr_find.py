@@ -16,36 +16,13 @@ from pathlib import Path
 
 from cnnkit.cli import train as train_cli
 
-# The `cnnkit train` groups whose flags the range test takes, and the flags that have no
-# meaning for it: the epochs and schedule (it sets every step's rate), --lr (the range
-# replaces it) and the run directory's flags (it writes none).
-GROUPS = ("what to train", "optimization", "regularization", "hardware", "run")
+# The flags of `cnnkit train` that have no meaning for the range test: the epochs and schedule
+# (it sets every step's rate), --lr (the range replaces it) and the run directory's flags (it
+# writes none; its own --out and --quiet are the plot's and the progress lines').
 LEFT_OUT = frozenset(
-    {"epochs", "lr", "schedule", "warmup_epochs"}
-    | {"out", "overwrite", "resume", "save_every", "quiet", "tensorboard"}
+    {"--epochs", "--lr", "--schedule", "--warmup-epochs"}
+    | {"--out", "--overwrite", "--resume", "--save-every", "--quiet", "--tensorboard"}
 )
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    sub = argparse.ArgumentParser().add_subparsers()
-    train_cli.register(sub)
-    return sub.choices["train"]
-
-
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of :data:`GROUPS` of `cnnkit train`, the same action objects (names, types,
-    defaults, help), less :data:`LEFT_OUT`; the --stream/--in-memory exclusion kept."""
-    source = _train_parser()
-    for group in source._action_groups:
-        if group.title not in GROUPS:
-            continue
-        target = p.add_argument_group(group.title)
-        for action in group._group_actions:
-            if action.dest not in LEFT_OUT:
-                target._add_action(action)
-    for mutex in source._mutually_exclusive_groups:
-        copy = p.add_mutually_exclusive_group(required=mutex.required)
-        copy._group_actions.extend(mutex._group_actions)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Learning-rate range test (Smith, 2017, Sec. 3.3): train a fresh copy of "
         "the model `cnnkit train` would train with these flags for up to --steps steps, the "
         "rate growing exponentially from --start to --end, stop when the loss explodes, plot "
-        "the loss against the rate and print the suggested --lr (the steepest descent of the "
-        "smoothed loss). No run directory is written.",
+        "the loss against the rate and print the suggested --lr (midway, on a log scale, between "
+        "where the smoothed loss falls fastest and where it stops falling). No run directory is "
+        "written.",
         formatter_class=train_cli._HelpFormatter,
     )
-    _add_train_flags(p)
+    train_cli.add_train_flags(p, exclude=LEFT_OUT)
     g = p.add_argument_group("range test")
     g.add_argument("--start", type=float, default=1e-6, help="first rate (at the batch used)")
     g.add_argument("--end", type=float, default=10.0, help="last rate (at the batch used)")

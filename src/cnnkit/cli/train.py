@@ -73,6 +73,26 @@ def _track_given(parser: argparse.ArgumentParser) -> None:
         parser.register("action", name, type(f"Given{base.__name__}", (_Given, base), {}))
 
 
+class _FlagGroup:
+    """An argument group that leaves out the flags named in ``exclude`` (by option string, e.g.
+    ``"--epochs"``): how another command takes `cnnkit train`'s flags but a few, through
+    argparse's public API only."""
+
+    def __init__(self, group, exclude: frozenset[str]) -> None:
+        self.group, self.exclude = group, exclude
+
+    def add_argument(self, *flags: str, **kwargs) -> None:
+        if not self.exclude.intersection(flags):
+            self.group.add_argument(*flags, **kwargs)
+
+    def add_mutually_exclusive_group(self, **kwargs) -> _FlagGroup:
+        return _FlagGroup(self.group.add_mutually_exclusive_group(**kwargs), self.exclude)
+
+
+def _group(p: argparse.ArgumentParser, title: str, exclude: frozenset[str]) -> _FlagGroup:
+    return _FlagGroup(p.add_argument_group(title), frozenset(exclude))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -81,7 +101,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     _track_given(p)
-    g = p.add_argument_group("what to train")
+    add_train_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_train_flags(p: argparse.ArgumentParser, *, exclude: frozenset[str] = frozenset()) -> None:
+    """Every flag of `cnnkit train`, in its groups (what to train, optimization,
+    regularization, hardware, run), less the option strings in ``exclude``: `cnnkit lr-find`
+    takes them all but those that have no meaning for it."""
+    add_what_to_train_args(p, exclude=exclude)
+    add_optimization_args(p, exclude=exclude)
+    add_regularization_args(p, exclude=exclude)
+    add_hardware_and_run_args(p, exclude=exclude)
+
+
+def add_what_to_train_args(
+    p: argparse.ArgumentParser, *, exclude: frozenset[str] = frozenset()
+) -> None:
+    """The model and data flags of `cnnkit train`; --stream and --in-memory exclude each other."""
+    g = _group(p, "what to train", exclude)
     g.add_argument("--model", default="resnet20", help="registered model name (`cnnkit models`)")
     g.add_argument(
         "--data",
@@ -138,9 +176,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extra model constructor argument, e.g. --model-arg zero_init_residual=true",
     )
 
-    add_optimization_args(p)
 
-    g = p.add_argument_group("regularization")
+def add_regularization_args(
+    p: argparse.ArgumentParser, *, exclude: frozenset[str] = frozenset()
+) -> None:
+    """The regularization and augmentation flags of `cnnkit train`."""
+    g = _group(p, "regularization", exclude)
     g.add_argument(
         "--label-smoothing",
         type=float,
@@ -171,9 +212,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--flip", choices=TOGGLES, default="auto", help="auto: off for digits")
 
-    add_hardware_and_run_args(p)
-    p.set_defaults(func=run)
-
 
 def add_optimization_args(
     p: argparse.ArgumentParser,
@@ -185,10 +223,11 @@ def add_optimization_args(
     lr_help: str = "default: 0.1 for sgd, 1e-3 for adamw",
     decay_help: str = "default 5e-4 (sgd), 0.05 (adamw)",
     warmup_epochs: float = 1.0,
+    exclude: frozenset[str] = frozenset(),
 ) -> None:
-    """The optimization flags, shared by `cnnkit train` and `cnnkit detect train` (each with its
-    own defaults)."""
-    g = p.add_argument_group("optimization")
+    """The optimization flags, shared by `cnnkit train`, `cnnkit lr-find` and `cnnkit detect
+    train` (each with its own defaults), less the option strings in ``exclude``."""
+    g = _group(p, "optimization", exclude)
     g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
     g.add_argument(
@@ -220,9 +259,12 @@ def add_optimization_args(
     )
 
 
-def add_hardware_and_run_args(p: argparse.ArgumentParser) -> None:
-    """The hardware and run-directory flags, shared by `cnnkit train` and `cnnkit detect train`."""
-    g = p.add_argument_group("hardware")
+def add_hardware_and_run_args(
+    p: argparse.ArgumentParser, *, exclude: frozenset[str] = frozenset()
+) -> None:
+    """The hardware and run-directory flags, shared by `cnnkit train`, `cnnkit lr-find` and
+    `cnnkit detect train`, less the option strings in ``exclude``."""
+    g = _group(p, "hardware", exclude)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument(
         "--precision",
@@ -245,7 +287,7 @@ def add_hardware_and_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
 
-    g = p.add_argument_group("run")
+    g = _group(p, "run", exclude)
     g.add_argument(
         "--out",
         help="run directory (default runs/<model>-<data>-<time>[-N], a new one); one that "

@@ -188,15 +188,18 @@ class RoIPooler(nn.Module):
             return self._pool(maps[0], rois, scales[0]), None
         k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
         levels = fpn_levels(rois[:, 1:], k_min, k_max)
-        order = torch.argsort(levels, stable=True)
         if torch.jit.is_tracing():
-            # The level sizes are data: split by masks, not by a Python list of counts.
+            # The level sizes are data: split by masks, not by a Python list of counts. The
+            # stable order by level as a plain sort of unique keys (ONNX has no stable sort).
+            rank = torch.arange(levels.shape[0], device=levels.device)
+            order = torch.argsort(levels * levels.shape[0] + rank)
             sorted_rois, sorted_levels = rois[order], levels[order]
             parts = [
                 self._pool(feature, sorted_rois[sorted_levels == level], scale)
                 for level, (feature, scale) in enumerate(zip(maps, scales, strict=True))
             ]
             return torch.cat(parts), order
+        order = torch.argsort(levels, stable=True)
         counts = torch.bincount(levels, minlength=len(maps)).tolist()
         pooled = [
             self._pool(feature, part, scale)

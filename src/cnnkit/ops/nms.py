@@ -637,8 +637,17 @@ def _traceable_nms(
 ) -> Tensor:
     """:func:`nms` / :func:`batched_nms` while ``torch.jit.trace`` records a model: a call of
     the scripted :func:`_greedy_scan` (compiled once), which the trace keeps as a call."""
+    if torch.onnx.is_in_onnx_export():
+        return _OnnxNMS.apply(boxes, scores, idxs, float(iou_threshold))
     if not _scripted_scan:
         _scripted_scan.append(torch.jit.script(_greedy_scan))
+    return _scripted_scan[0](*_scan_arguments(boxes, scores, idxs, iou_threshold))
+
+
+def _scan_arguments(
+    boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float
+) -> tuple[Tensor, Tensor, Tensor, float, int]:
+    """The arguments of :func:`_greedy_scan` that give :func:`nms` / :func:`batched_nms`."""
     b = boxes.detach()
     if b.dtype not in (torch.float32, torch.float64):
         b = b.float()
@@ -649,4 +658,37 @@ def _traceable_nms(
     shift_max = _SHIFT_MAX_NUMEL if b.device.type == "cpu" else _SHIFT_MAX_NUMEL_CUDA
     if idxs is None:
         shift_max = 2**62
-    return _scripted_scan[0](b, scores, labels, threshold, shift_max)
+    return b, scores, labels, threshold, shift_max
+
+
+class _OnnxNMS(torch.autograd.Function):
+    """:func:`batched_nms` (``idxs`` None: :func:`nms`) as ONNX's ``NonMaxSuppression``: the
+    categories shifted apart as in :func:`batched_nms`, one class, every box allowed."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, idxs, iou_threshold):  # type: ignore[override]
+        return _greedy_scan(*_scan_arguments(boxes, scores, idxs, iou_threshold))
+
+    @staticmethod
+    def symbolic(g, boxes, scores, idxs, iou_threshold):  # type: ignore[override]
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        boxes = g.op("Cast", boxes, to_i=1)  # float32
+        if not (idxs is None or idxs.node().mustBeNone()):
+            span = g.op("Add", g.op("ReduceMax", boxes, keepdims_i=0), const(1.0, torch.float32))
+            shift = g.op("Mul", g.op("Cast", idxs, to_i=1), span)
+            boxes = g.op("Add", boxes, g.op("Unsqueeze", shift, const([1], torch.int64)))
+        selected = g.op(
+            "NonMaxSuppression",
+            g.op("Unsqueeze", boxes, const([0], torch.int64)),  # [1, N, 4]
+            g.op(
+                "Unsqueeze",
+                g.op("Unsqueeze", scores, const([0], torch.int64)),
+                const([0], torch.int64),
+            ),  # [1, 1, N]
+            const([2**62], torch.int64),
+            const([iou_threshold], torch.float32),
+        )  # [K, 3]: (batch, class, box)
+        column = g.op("Gather", selected, const([2], torch.int64), axis_i=1)
+        return g.op("Squeeze", column, const([1], torch.int64))

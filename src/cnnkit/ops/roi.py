@@ -157,6 +157,8 @@ def _gather_bins(rows: Tensor, index: Tensor, weight: Tensor, bins: int, dtype) 
     c = rows.shape[1]
     k = index.shape[0] // bins
     gathered = F.embedding_bag(index, rows, per_sample_weights=weight, mode="sum")
+    if torch.jit.is_tracing():  # an exported graph: no in-place copy (ONNX has none)
+        return gathered.view(k, bins, c).transpose(1, 2).to(dtype).contiguous()
     out = rows.new_empty((k, c, bins), dtype=dtype)
     return out.copy_(gathered.view(k, bins, c).transpose(1, 2))
 
@@ -315,6 +317,9 @@ def _roi_align(
     k = rois.shape[0]
     rows = _channels_last_rows(input, rois.dtype)
     shape = (n, height, width)
+    if torch.onnx.is_in_onnx_export() and sampling_ratio > 0:
+        # ONNX's own operator: the traced gather below would become a slow ONNX Loop.
+        return _OnnxRoIAlign.apply(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
     if torch.jit.is_tracing():
         # An exported graph keeps no data-dependent Python loop: one grid, one chunk.
         if sampling_ratio <= 0:
@@ -373,6 +378,57 @@ def _align_grids(
         groups.append(((gh_u[start], gw_u[start]), order[start : start + count]))
         start += count
     return groups
+
+
+class _OnnxRoIAlign(torch.autograd.Function):
+    """:func:`roi_align` (fixed ``sampling_ratio``) as ONNX's ``RoiAlign`` (opset 16+: the
+    ``coordinate_transformation_mode`` that tells ``aligned`` apart); the values while the
+    exporter traces come from :func:`_roi_align_group`."""
+
+    @staticmethod
+    def forward(ctx, input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):  # type: ignore[override]
+        rows = _channels_last_rows(input, rois.dtype)
+        shape = (input.shape[0], input.shape[2], input.shape[3])
+        grid = (sampling_ratio, sampling_ratio)
+        return _roi_align_group(
+            rows, rois, shape, (ph, pw), spatial_scale, grid, aligned, input.dtype
+        )
+
+    @staticmethod
+    def symbolic(g, input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):  # type: ignore[override]
+        if g.opset < 16:
+            raise ValueError(
+                f"--opset {g.opset}: ONNX's RoiAlign tells aligned from legacy boxes from opset "
+                "16 on; use --opset 16 or later"
+            )
+
+        def column(start: int, end: int):
+            def const(v):
+                return g.op("Constant", value_t=torch.tensor([v], dtype=torch.int64))
+
+            return g.op("Slice", rois, const(start), const(end), const(1))
+
+        batch = g.op(
+            "Cast",
+            g.op(
+                "Squeeze",
+                column(0, 1),
+                g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)),
+            ),
+            to_i=7,
+        )  # int64
+        return g.op(
+            "RoiAlign",
+            input,
+            column(1, 5),
+            batch,
+            spatial_scale_f=spatial_scale,
+            output_height_i=ph,
+            output_width_i=pw,
+            sampling_ratio_i=sampling_ratio,
+            mode_s="avg",
+            coordinate_transformation_mode_s="half_pixel" if aligned else "output_half_pixel",
+        )
 
 
 # -------------------------------------------------------------------------------- modules
