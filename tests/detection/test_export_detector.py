@@ -1,4 +1,5 @@
-"""cnnkit.export.export_detector: detectors traced to TorchScript, reloaded, compared with eager.
+"""cnnkit.export.export_detector: detectors traced to TorchScript and ONNX, reloaded, compared
+with eager.
 
 The reference is the eager detector itself, called as `model([image / 255])[0]`, not the
 wrapper the exporter traces; the images of the comparison are not those of the verification
@@ -17,18 +18,13 @@ from cnnkit import export as export_module
 from cnnkit.detection.rcnn import FasterRCNN
 from cnnkit.export import DETECTION_OUTPUTS, FORMATS, export_detector
 
+from .test_rcnn import TINY as RCNN_TINY
+
 ort = pytest.importorskip("onnxruntime")
 
 TINY = {
-    "num_classes": 3,
-    "backbone": "resnet18",
-    "backbone_widths": [8, 16, 32, 64],
-    "norm": "batch",
-    "fpn_channels": 16,
-    "representation_size": 32,
-    "anchor_sizes": [8, 16, 32, 64, 128],
-    "min_size": 48,
-    "max_size": 64,
+    **RCNN_TINY,
+    "min_size": 48,  # the 40 x 56 test images are resized: the transform is in the graph too
     "rpn_pre_nms_top_n_test": 60,
     "rpn_post_nms_top_n_test": 40,
     "box_score_thresh": 0.0,  # untrained: keep everything, so NMS and the heads get work
