@@ -317,6 +317,8 @@ def detection(kind, *, dev_loss=True):
             loss = 0.2 + 1.5 * exp(4)(t)
             ap = 0.38 - 0.3 * exp(3)(t) - 0.004 * max(0, t - 8)
             dev = 0.6 + 1.5 * exp(3)(t) + 0.01 * max(0, t - 8)
+        elif kind == "dev_ap_flat":  # the loss still falls 17%, dev AP flat since epoch ~12
+            loss, ap, dev = 2 * exp(30)(t), 0.38 - 0.3 * exp(3)(t), 0.5 + 1.5 * exp(3)(t)
         else:  # cut short: the loss still falls 17% over the last 6 epochs
             loss, ap, dev = 2 * exp(30)(t), 0.38 - 0.3 * exp(30)(t), 2.2 * exp(30)(t)
         record = {"epoch": t, "train_loss": loss, "train_loss_box_reg": loss / 3, "dev_box_ap": ap}
@@ -329,7 +331,12 @@ def detection(kind, *, dev_loss=True):
 @pytest.mark.parametrize("dev_loss", [True, False])
 @pytest.mark.parametrize(
     ("kind", "verdict"),
-    [("converged", "healthy"), ("dev_ap_falls", "overfitting"), ("cut_short", "still_improving")],
+    [
+        ("converged", "healthy"),
+        ("dev_ap_falls", "overfitting"),
+        ("cut_short", "still_improving"),
+        ("dev_ap_flat", "healthy"),
+    ],
 )
 def test_without_a_training_metric_the_losses_and_dev_metric_decide(kind, verdict, dev_loss):
     result = diagnose(detection(kind, dev_loss=dev_loss), CONFIG, metric="box_ap")
@@ -340,6 +347,10 @@ def test_without_a_training_metric_the_losses_and_dev_metric_decide(kind, verdic
     assert "nan" not in str(result).lower()
     assert "dev box ap" in result.explanation
     assert math.isnan(result.figures["final_train_box_ap"])
+    if kind == "dev_ap_flat":  # a falling loss alone is no reason to train longer
+        assert "the training loss fell by" in result.explanation
+        assert "without raising the dev box ap" in result.explanation
+        assert not any("--epochs" in a for a in result.advice), result.advice
     if verdict == "overfitting":
         assert 9 <= result.figures["best_dev_box_ap_epoch"] <= 11
         best = result.figures["best_dev_box_ap_epoch"]

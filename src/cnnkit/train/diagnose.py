@@ -279,6 +279,13 @@ def _healthy(f: Findings, config: dict | None) -> _Texts:
             f"{f.final} Over {f.c.span} the training curves are flat, the training {m.error} "
             f"is {pct(f.train_error)} (under {pct(UNDERFIT_TRAIN_ERROR)}){gap_words}."
         )
+    elif f.loss_only_words:  # no training metric; the loss falls, the dev metric does not
+        summary = f"the dev {m.label} has stopped improving and holds its best."
+        explanation = (
+            f"{f.final} At the end, {f.loss_only_words}, but the dev {m.label} gained at most "
+            f"{pts(IMPROVING_ACCURACY_GAIN)} over those epochs: more epochs would fit the "
+            f"training images further without raising the dev {m.label}."
+        )
     else:  # no training metric: the fit to the training data is not measured
         dev = f.has_dev_metric
         summary = f"training converged{f' and the dev {m.label} holds its best' if dev else ''}."

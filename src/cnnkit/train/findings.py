@@ -167,6 +167,16 @@ def _improving(c: Curves) -> tuple[bool, str, dict]:
     return loss_moving or acc_moving, " and ".join(parts), figures
 
 
+def _dev_metric_flat(c: Curves) -> tuple[bool, dict]:
+    """Whether the dev metric gained at most :data:`IMPROVING_ACCURACY_GAIN` over the window:
+    what decides "still improving" for a run without a training metric (a detector), whose
+    training loss can fall for many epochs after dev AP has stopped moving."""
+    gain = _fitted_change(c.tail(c.dev_score))
+    return (not math.isnan(gain) and gain <= IMPROVING_ACCURACY_GAIN), {
+        f"dev_{c.metric.name}_gain_over_window": gain
+    }
+
+
 def _best(smooth: list[float], raw: list[float], c: Curves, *, lowest: bool) -> tuple:
     """(relative change or drop of the window from the smoothed best, epoch of the best)."""
     if not _finite(smooth):
@@ -253,6 +263,9 @@ class Findings:
     at_chance: bool = False  # accuracy ~ 1/K or training loss ~ log K (K known)
     stopped_diverged: bool = False  # the engine stopped the run on a non-finite figure
     chance_words: str = ""
+    # Without a training metric: the training loss still falls (these words) but the dev
+    # metric has stopped improving, so the run does not count as "still improving".
+    loss_only_words: str = ""
 
     @property
     def n(self) -> int:
@@ -306,6 +319,11 @@ def measure(
     if trends:
         f.improving, f.improving_words, fig = _improving(c)
         figures.update(fig)
+        if f.improving and not _finite(c.train_score):
+            flat, fig = _dev_metric_flat(c)
+            figures.update(fig)
+            if flat:  # only the loss moves: more epochs would not help dev
+                f.improving, f.loss_only_words = False, f.improving_words
         f.overfit, f.overfit_words, f.mild_note, fig = _overfitting(c)
         figures.update(fig)
         f.train_error = m.shortfall(train_end)
