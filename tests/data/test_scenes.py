@@ -393,6 +393,23 @@ def test_cache_generated_once_and_stale_temporaries_removed(tiny_cache, monkeypa
     assert len(_load(root, "train")["images"]) == 3
 
 
+def test_cache_of_earlier_format_versions_is_removed(tiny_cache):
+    """Each format bump left ~93 MB behind: generating the current version removes the older
+    ones (every seed, with their locks), not a newer cnnkit's nor anything else."""
+    v = scenes.FORMAT_VERSION
+    keep = [f"scenes-v{v + 1}-seed0", "other", f"scenes-v{v}-seed9"]
+    gone = [f"scenes-v{v - 1}-seed0", f"scenes-v{v - 1}-seed7"]
+    for name in keep + gone:
+        (tiny_cache / name / "train").mkdir(parents=True)
+    (tiny_cache / f"scenes-v{v - 1}-seed0.lock").touch()
+    scenes_root(3)
+    expected = sorted([*keep, f"scenes-v{v}-seed3", f"scenes-v{v}-seed3.lock"])
+    assert sorted(p.name for p in tiny_cache.iterdir()) == expected
+    (tiny_cache / gone[0]).mkdir()  # also when the current version is already there
+    scenes_root(3)
+    assert sorted(p.name for p in tiny_cache.iterdir()) == expected
+
+
 def test_cache_interrupted_then_regenerated(tiny_cache, monkeypatch):
     write = scenes._write_split
 

@@ -192,12 +192,13 @@ def scenes_root(seed: int = 0) -> Path:
     exclusive lock (``fcntl.flock`` on ``<name>.lock``) and renames a complete temporary
     directory into place, so processes started together generate it once and readers only
     ever see a complete data set; temporary directories left by a killed generator are
-    removed by the next one.
+    removed by the next one. Data sets of earlier format versions are removed on every call.
     """
     from cnnkit.atomic import current_umask
 
     _check_arguments(DEFAULT_IMAGES, DEFAULT_VAL_IMAGES, DEFAULT_SIZE, seed)
     root = cache_dir() / f"scenes-v{FORMAT_VERSION}-seed{seed}"
+    _prune_older_versions(root.parent)
     if _is_complete(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +227,21 @@ def scenes_root(seed: int = 0) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return root
+
+
+def _prune_older_versions(parent: Path) -> None:
+    """Remove the cached scenes of earlier :data:`FORMAT_VERSION` s (~93 MB each; no cnnkit of
+    this version reads them), each under its own lock; newer versions (a newer cnnkit sharing
+    the cache) and anything else stay."""
+    for old in sorted(parent.glob("scenes-v*-seed*")):
+        version, _, seed = old.name.removeprefix("scenes-v").partition("-seed")
+        if not (version.isdigit() and seed.isdigit() and int(version) < FORMAT_VERSION):
+            continue
+        if old.suffix == ".lock" or not old.is_dir():
+            continue
+        with _locked(parent / f"{old.name}.lock"):
+            shutil.rmtree(old, ignore_errors=True)
+        (parent / f"{old.name}.lock").unlink(missing_ok=True)
 
 
 def default_workers() -> int:
