@@ -59,13 +59,17 @@ def _onnx(path, x):
     return inp, torch.from_numpy(session.run(None, {inp.name: x.numpy()})[0])
 
 
+def _export(run, fmt, kind, out, capsys):
+    """`cnnkit export` of ``run`` to ``out``: (out, what it printed)."""
+    argv = ["export", str(run), "--format", fmt, "--input", kind, "--out", str(out)]
+    assert main(argv) == 0
+    return out, capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["uint8", "float"])
 def test_onnx_matches_eager_model(run, reference, kind, tmp_path, capsys):
     images, expected = reference
-    out = tmp_path / f"m-{kind}.onnx"
-    argv = ["export", str(run), "--format", "onnx", "--input", kind, "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    out, printed = _export(run, "onnx", kind, tmp_path / f"m-{kind}.onnx", capsys)
     shape = "[1, 1, 16, 16]"
     assert f"wrote {out}" in printed and shape in printed, printed
     assert re.search(r"max \|logit difference\| [0-9.e+-]+", printed), printed
@@ -82,11 +86,9 @@ def test_onnx_matches_eager_model(run, reference, kind, tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["uint8", "float"])
 def test_torchscript_matches_eager_model(run, reference, kind, tmp_path, capsys):
     images, expected = reference
-    out = tmp_path / f"m-{kind}.ts.pt"
-    argv = ["export", str(run), "--format", "torchscript", "--input", kind, "--out", str(out)]
-    assert main(argv) == 0
+    out, printed = _export(run, "torchscript", kind, tmp_path / f"m-{kind}.ts.pt", capsys)
     dtype = "uint8" if kind == "uint8" else "float32"
-    assert f"{dtype} [N, 1, 16, 16]" in capsys.readouterr().out
+    assert f"{dtype} [N, 1, 16, 16]" in printed
     module = torch.jit.load(str(out))
     x = images if kind == "uint8" else images.float() / 255
     with torch.no_grad():
@@ -136,13 +138,13 @@ def test_mismatch_writes_nothing(run, tmp_path, capsys, monkeypatch):
     from cnnkit import export as library
 
     exported = []
-    real = library._torchscript_bytes
+    real = library._traced_bytes
 
-    def patched(wrapper, spec):  # exports the model behind mean 0, std 1: no normalization
-        exported.append(spec)
-        return real(library.Normalized(wrapper.model, [0.0], [1.0], spec.kind), spec)
+    def patched(wrapper, example):  # exports the model behind mean 0, std 1: no normalization
+        exported.append(example)
+        return real(library.Normalized(wrapper.model, [0.0], [1.0], "uint8"), example)
 
-    monkeypatch.setattr(library, "_torchscript_bytes", patched)
+    monkeypatch.setattr(library, "_traced_bytes", patched)
     out = tmp_path / "m.ts.pt"
     err = _fails(capsys, ["export", str(run), "--format", "torchscript", "--out", str(out)],
                  r"max \|logit difference\| [0-9.e+]+ > 0.0001.*nothing written")  # fmt: skip

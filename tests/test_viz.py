@@ -53,13 +53,13 @@ def test_curves_one_record_and_missing_values(tmp_path):
 def _figure_of(monkeypatch, draw):
     """Run ``draw`` and return the one figure it saved (the PNG is written as well)."""
     figures = []
-    save = viz._save_png
+    save = viz.save_png
 
     def keep(fig, out):
         figures.append(fig)
         save(fig, out)
 
-    monkeypatch.setattr(viz, "_save_png", keep)
+    monkeypatch.setattr(viz, "save_png", keep)
     draw()
     monkeypatch.undo()
     (fig,) = figures

@@ -24,6 +24,7 @@ switch to traceable forms while ``torch.jit.is_tracing()`` (see the function).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import warnings
@@ -48,8 +49,10 @@ __all__ = [
     "InputSpec",
     "Normalized",
     "check_detector_opset",
+    "cast_input",
     "check_opset",
     "detection_difference",
+    "detector_outputs",
     "export",
     "export_detector",
     "max_difference",
@@ -68,6 +71,18 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 7, 20, 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
+def _input_scale(kind: str) -> float:
+    """What an input of ``kind`` is divided by to reach [0, 1]; ValueError naming ``--input``."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"--input {kind!r}: expected one of {', '.join(INPUT_KINDS)}")
+    return 255.0 if kind == "uint8" else 1.0
+
+
+def cast_input(images: Tensor, kind: str) -> Tensor:
+    """``uint8`` images as inputs of ``kind`` (float: divided by 255)."""
+    return images if kind == "uint8" else images.float() / 255
+
+
 class Normalized(nn.Module):
     """``model`` behind the run's input normalization: raw images in, logits out.
 
@@ -79,9 +94,7 @@ class Normalized(nn.Module):
         self, model: nn.Module, mean: Sequence[float], std: Sequence[float], input_kind: str
     ):
         super().__init__()
-        if input_kind not in INPUT_KINDS:
-            raise ValueError(f"--input {input_kind!r}: expected one of {', '.join(INPUT_KINDS)}")
-        scale = 255.0 if input_kind == "uint8" else 1.0
+        scale = _input_scale(input_kind)
         a = torch.tensor([1.0 / (scale * s) for s in std], dtype=torch.float32)
         b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32)
         self.model = model
@@ -115,7 +128,7 @@ class InputSpec:
 
     def cast(self, images: Tensor) -> Tensor:
         """``uint8`` images as this spec's inputs (float: divided by 255)."""
-        return images if self.kind == "uint8" else images.float() / 255
+        return cast_input(images, self.kind)
 
 
 @dataclass(frozen=True)
@@ -137,26 +150,35 @@ class Detecting(nn.Module):
 
     def __init__(self, model: nn.Module, input_kind: str, size: tuple[int, int]):
         super().__init__()
-        if input_kind not in INPUT_KINDS:
-            raise ValueError(f"--input {input_kind!r}: expected one of {', '.join(INPUT_KINDS)}")
         self.model = model
-        self.scale = 255.0 if input_kind == "uint8" else 1.0
+        self.scale = _input_scale(input_kind)
         self.size = (int(size[0]), int(size[1]))
         self.eval()
+
+    @property
+    def output_names(self) -> list[str]:
+        return detector_outputs(self.model)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         if torch.jit.is_tracing():
             # The graph holds the resize and anchors of this size: refuse any other, at run time.
-            _scripted(_check_image_size)(image, self.size[0], self.size[1])
+            _scripted_size_check()(image, self.size[0], self.size[1])
         out = self.model([image.float() / self.scale])[0]
-        keys = [k for k in DETECTION_OUTPUTS if k in out]
-        return {k: out[k] for k in keys}
+        return {k: out[k] for k in self.output_names}
 
 
 # What an exported detector returns, of the eager model's outputs (the box-local mask_probs and
 # keypoint_heatmaps are internals the pasted masks and the keypoints already carry).
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks", "keypoints", "keypoints_scores")
 DETECTOR_INPUT = "image"
+
+
+def detector_outputs(model: nn.Module) -> list[str]:
+    """The outputs of ``model`` exported (:class:`Detecting`), in :data:`DETECTION_OUTPUTS`
+    order: the box outputs, ``masks`` with a mask head, the keypoints with a keypoint head."""
+    keypoints = model.num_keypoints > 0
+    heads = {"masks": model.has_masks, "keypoints": keypoints, "keypoints_scores": keypoints}
+    return [k for k in DETECTION_OUTPUTS if heads.get(k, True)]
 
 
 def _check_image_size(image: Tensor, height: int, width: int) -> Tensor:
@@ -167,13 +189,9 @@ def _check_image_size(image: Tensor, height: int, width: int) -> Tensor:
     return image
 
 
-_SCRIPTED: dict = {}
-
-
-def _scripted(fn):
-    if fn not in _SCRIPTED:
-        _SCRIPTED[fn] = torch.jit.script(fn)
-    return _SCRIPTED[fn]
+@functools.cache
+def _scripted_size_check():
+    return torch.jit.script(_check_image_size)  # compiled once, when first traced
 
 
 def require_onnx() -> None:
@@ -225,21 +243,29 @@ def _export_onnx(wrapper: Normalized, spec: InputSpec, opset: int, buffer, dynam
     )
 
 
-def _onnx_runner(data: bytes) -> Callable[[Tensor], Tensor]:
+def _ort_session(data: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are not the user's
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3  # notes on unused initializers, graph rewrites: not the user's
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_runner(data: bytes) -> Callable[[Tensor], Tensor]:
+    session = _ort_session(data)
     return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
 
 
-def _torchscript_bytes(wrapper: Normalized, spec: InputSpec) -> bytes:
+def _traced_bytes(module: nn.Module, example: Tensor) -> bytes:
+    """``torch.jit.trace`` of ``module`` on ``example``, saved to bytes (every export is
+    checked on real images afterwards, so the tracer's own check and its warnings about the
+    shape checks it folds add nothing)."""
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # torch 2.9+ marks torch.jit deprecated in favour of torch.export; it still works.
         warnings.filterwarnings("ignore", message=".*torch.jit", category=DeprecationWarning)
-        traced = torch.jit.trace(wrapper, (_example(spec, 2),), check_trace=False)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(module, (example,), check_trace=False, strict=False)
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
@@ -293,14 +319,11 @@ def export(
     wrapper = Normalized(model, mean, std, spec.kind)
     if fmt == "onnx":
         require_onnx()
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise ValueError(
-                f"--opset {opset}: the exporter writes opsets {MIN_OPSET}..{MAX_OPSET}"
-            )
+        check_opset(opset)
         data = _onnx_bytes(wrapper, spec, opset)
         run, detail = _onnx_runner(data), f"opset {opset}"
     else:
-        data = _torchscript_bytes(wrapper, spec)
+        data = _traced_bytes(wrapper, _example(spec, 2))
         run, detail = _torchscript_runner(data), "traced"
     inputs = spec.cast(images)
     # A fixed-batch export is checked one image at a time; a dynamic one at batch M and 1.
@@ -326,17 +349,6 @@ def check_detector_opset(opset: int) -> None:
             f"--opset {opset}: ONNX's RoiAlign tells aligned from legacy boxes from opset "
             f"{MIN_DETECTOR_OPSET} on; use --opset {MIN_DETECTOR_OPSET} or later for a detector"
         )
-
-
-def _detector_bytes(wrapper: Detecting, example: Tensor) -> bytes:
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit", category=DeprecationWarning)
-        # The shape checks that the trace folds (the graph is checked on real images below).
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(wrapper, (example,), check_trace=False, strict=False)
-        torch.jit.save(traced, buffer)
-    return buffer.getvalue()
 
 
 def detection_difference(
@@ -414,8 +426,7 @@ def export_detector(
                 f"{im.dtype} {list(im.shape)}"
             )
     wrapper = Detecting(model, kind, size)
-    cast = (lambda x: x) if kind == "uint8" else (lambda x: x.float() / 255)
-    inputs = [cast(im) for im in images]
+    inputs = [cast_input(im, kind) for im in images]
     inputs += [
         torch.zeros_like(inputs[0]),
         torch.full_like(inputs[0], 255 if kind == "uint8" else 1),
@@ -426,7 +437,7 @@ def export_detector(
         data = _detector_onnx_bytes(wrapper, inputs[0], opset)
         run, detail = _detector_onnx_runner(data), f"opset {opset}"
     elif fmt == "torchscript":
-        data = _detector_bytes(wrapper, inputs[0])
+        data = _traced_bytes(wrapper, inputs[0])
         run, detail = _torchscript_runner(data), "traced"
     else:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -452,8 +463,7 @@ class _Outputs(nn.Module):
 
 
 def _detector_onnx_bytes(wrapper: Detecting, example: Tensor, opset: int) -> bytes:
-    with torch.no_grad():
-        names = list(wrapper(example))
+    names = wrapper.output_names
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -476,11 +486,7 @@ def _detector_onnx_bytes(wrapper: Detecting, example: Tensor, opset: int) -> byt
 
 
 def _detector_onnx_runner(data: bytes) -> Callable[[Tensor], dict[str, Tensor]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = _ort_session(data)
     names = [o.name for o in session.get_outputs()]
 
     def run(x: Tensor) -> dict[str, Tensor]:

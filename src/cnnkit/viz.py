@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 # --------------------------------------------------------------------------- training runs
 
 
-def _save_png(fig, path) -> None:
+def save_png(fig, path) -> None:
     """Write ``fig`` to ``path`` through a temporary file + rename: a reader never sees half a PNG."""
     import io
 
@@ -100,7 +100,7 @@ def plot_curves(
         ax_loss.set_yscale("log")
         ax_loss.set_title("loss (log scale)")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # Class names on the ticks need this font size (points) at least; below it, the ticks show
@@ -159,7 +159,7 @@ def plot_confusion_matrix(matrix, classes: list[str], path) -> None:
     accuracy = np.trace(counts) / max(int(counts.sum()), 1)
     ax.set_title(f"confusion matrix (accuracy {100 * accuracy:.2f}%, n={int(counts.sum())})")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _write_key(fig, names: list[str], size: float) -> None:
@@ -268,7 +268,7 @@ def plot_pr_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7 if n > 8 else 9, ncol=2 if n > 12 else 1)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- detections on images
@@ -277,7 +277,7 @@ def plot_pr_curves(
 # side at least (a 128 px scene 5x), so that class names and scores in a readable font fit
 # beside small boxes; larger images keep their own size.
 DETECTION_MIN_SIDE = 640
-_DETECTION_DPI = 110  # _save_png's resolution: figure inches x this = PNG pixels
+_DETECTION_DPI = 110  # save_png's resolution: figure inches x this = PNG pixels
 _MASK_OPACITY = 0.45
 
 
@@ -379,7 +379,7 @@ def draw_instances(
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _rgb_image(image):
@@ -606,7 +606,7 @@ def draw_box_layers(image, layers: list[BoxLayer], path, *, title: str = "") -> 
         cax = fig.add_axes((1.02 + 0.1 * k, 0.0, 0.03, 1.0))
         mappable = plt.cm.ScalarMappable(norm=norm, cmap=layer.cmap)
         fig.colorbar(mappable, cax=cax, label=layer.value_label)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def draw_box_heatmaps(
@@ -687,7 +687,7 @@ def draw_box_heatmaps(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def class_colours(names: list[str], classes: list[str]):

@@ -87,7 +87,6 @@ def _check_distinct(paths: list[Path], given: list[str]) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from cnnkit.train.compare import (
-        check_figure_path,
         check_metric,
         curves,
         differing_settings,
@@ -97,9 +96,10 @@ def run_compare(args: argparse.Namespace) -> int:
         run_state,
         verdict,
     )
+    from cnnkit.train.rundir import check_png_out
 
     out = Path(args.out)
-    check_figure_path(out)  # before the work: a bad --out fails fast
+    check_png_out(out, refuse_run_dirs=False)  # before the work: a bad --out fails fast
     runs = [load_run(path) for path in args.runs]
     _check_distinct([r.path for r in runs], args.runs)
     check_metric(runs, args.metric)

@@ -167,7 +167,13 @@ def _detector_images(run_dir: Path, config: dict) -> tuple[list, str]:
 def _export_detector(args: argparse.Namespace, run_dir: Path) -> int:
     from cnnkit.atomic import atomic_write_bytes
     from cnnkit.cli.detect import _load_run
-    from cnnkit.export import TOLERANCE, check_detector_opset, export_detector, require_onnx
+    from cnnkit.export import (
+        TOLERANCE,
+        check_detector_opset,
+        detector_outputs,
+        export_detector,
+        require_onnx,
+    )
 
     if args.dynamic_batch:
         raise ValueError("--dynamic-batch: an exported detector takes one image per call")
@@ -183,12 +189,10 @@ def _export_detector(args: argparse.Namespace, run_dir: Path) -> int:
     atomic_write_bytes(out, result.data)
     h, w = images[0].shape[-2:]
     dtype, values = ("uint8", "0..255") if args.input == "uint8" else ("float32", "[0, 1]")
-    outputs = ["boxes [D, 4]", "labels [D]", "scores [D]"]
-    if model.has_masks:
-        outputs.append(f"masks [D, 1, {h}, {w}]")
-    if model.num_keypoints:
-        k = model.num_keypoints
-        outputs += [f"keypoints [D, {k}, 3]", f"keypoints_scores [D, {k}]"]
+    k = model.num_keypoints
+    shapes = {"boxes": "[D, 4]", "labels": "[D]", "scores": "[D]", "masks": f"[D, 1, {h}, {w}]",
+              "keypoints": f"[D, {k}, 3]", "keypoints_scores": f"[D, {k}]"}  # fmt: skip
+    outputs = [f"{name} {shapes[name]}" for name in detector_outputs(model)]
     print(f"wrote {out} ({args.format}, {result.detail}, {len(result.data) / 1024:.0f} KiB)")
     print(f"input 'image': one image {dtype} [3, {h}, {w}], values {values} (this size only)")
     kind = "a dict of" if args.format == "torchscript" else "named outputs"

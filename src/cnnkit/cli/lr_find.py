@@ -47,31 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_plot_path(path: Path) -> None:
-    """ValueError for an ``--out`` the range test must not write: a directory, a file in a run
-    directory (the run's own pictures), a name without ``.png``, a missing directory."""
-    from cnnkit.train.rundir import run_markers
-
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give a .png file name")
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {path}: the plot is a PNG; give a name ending in .png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {path}: no such directory {parent}")
-    found = run_markers(parent)
-    if found:
-        raise ValueError(
-            f"--out {path} is in a run directory ({', '.join(found)}); write the plot elsewhere"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     from cnnkit.train.lr_find import check_range, lr_find, plot_lr_find
+    from cnnkit.train.rundir import check_png_out
 
     check_range(args.start, args.end, args.steps)
     plot = Path(args.plot)
-    check_plot_path(plot)
+    check_png_out(plot, refuse_run_dirs=True)  # the run's own pictures stay the run's
     cfg = train_cli.config_from_args(args)  # validates like `cnnkit train`
     log = None if args.quiet else print
     result = lr_find(cfg, start=args.start, end=args.end, steps=args.steps, log=log)

@@ -47,12 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_dir(path: str) -> Path:
-    run_dir = Path(path)
-    if not run_dir.exists():
-        raise ValueError(f"{run_dir}: no such run directory")
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: not a directory (expected a run directory)")
-    return run_dir
+    from cnnkit.train.rundir import run_directory
+
+    return run_directory(path, require_run=False)  # the file read next names what is missing
 
 
 def _device(name: str) -> str:

@@ -235,9 +235,10 @@ def _prune_older_versions(parent: Path) -> None:
     the cache) and anything else stay."""
     for old in sorted(parent.glob("scenes-v*-seed*")):
         version, _, seed = old.name.removeprefix("scenes-v").partition("-seed")
+        # A lock file ("scenes-v1-seed0.lock") has the seed "0.lock", not a number: skipped.
         if not (version.isdigit() and seed.isdigit() and int(version) < FORMAT_VERSION):
             continue
-        if old.suffix == ".lock" or not old.is_dir():
+        if not old.is_dir():
             continue
         with _locked(parent / f"{old.name}.lock"):
             shutil.rmtree(old, ignore_errors=True)

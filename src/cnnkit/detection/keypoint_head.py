@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnkit.detection.postprocess import split_per_image
 from cnnkit.detection.roi_heads import InstanceHead, RoIPooler, conv_norm_relu
 from cnnkit.layers.norm import check_norm
 
@@ -280,16 +281,11 @@ class KeypointHead(InstanceHead):
                 heatmaps = heatmaps[torch.argsort(order)]
         xy, scores = heatmaps_to_keypoints(heatmaps, rois)
         keypoints = torch.cat((xy, torch.ones_like(xy[..., :1])), dim=2)
-        if len(detections) == 1:  # no split: a traced model must not bake the count in
-            det = detections[0]
-            det["keypoints"], det["keypoints_scores"] = keypoints, scores
-            det["keypoint_heatmaps"] = heatmaps
-            return
         for det, kp, sc, hm in zip(
             detections,
-            keypoints.split(counts),
-            scores.split(counts),
-            heatmaps.split(counts),
+            split_per_image(keypoints, counts),
+            split_per_image(scores, counts),
+            split_per_image(heatmaps, counts),
             strict=True,
         ):
             det["keypoints"] = kp

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnkit.detection.postprocess import split_per_image
 from cnnkit.detection.roi_heads import InstanceHead, RoIPooler, conv_norm_relu
 from cnnkit.layers.norm import check_norm
 
@@ -279,8 +280,5 @@ class MaskHead(InstanceHead):
         probs = torch.sigmoid(probs.float())[:, None]
         if order is not None:
             probs = probs[torch.argsort(order)]
-        if len(detections) == 1:  # no split: a traced model must not bake the count in
-            detections[0]["mask_probs"] = probs
-            return
-        for d, p in zip(detections, probs.split([len(b) for b in boxes]), strict=True):
+        for d, p in zip(detections, split_per_image(probs, [len(b) for b in boxes]), strict=True):
             d["mask_probs"] = p

@@ -16,7 +16,12 @@ from torch import Tensor
 
 from cnnkit.ops import batched_nms, decode_boxes
 
-__all__ = ["BOX_CODER_WEIGHTS", "clip_boxes_per_image", "postprocess_detections"]
+__all__ = [
+    "BOX_CODER_WEIGHTS",
+    "clip_boxes_per_image",
+    "postprocess_detections",
+    "split_per_image",
+]
 
 #: Fast R-CNN box coder weights ``(w_x, w_y, w_w, w_h)`` (Detectron's and torchvision's): the
 #: targets of a well-trained head then have roughly unit variance.
@@ -32,6 +37,13 @@ def clip_boxes_per_image(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tens
     x = torch.minimum(torch.maximum(boxes[..., 0::2], zero), w)
     y = torch.minimum(torch.maximum(boxes[..., 1::2], zero), h)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def split_per_image(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    """``tensor``'s rows as one piece per image, ``counts[i]`` rows for image ``i``. A single
+    image's piece is ``tensor`` itself: a traced (exported) model, which runs one image, then
+    keeps its number of rows dynamic instead of the count of the traced example."""
+    return [tensor] if len(counts) == 1 else list(tensor.split(list(counts)))
 
 
 def postprocess_detections(
@@ -96,13 +108,14 @@ def postprocess_detections(
     keep = (scores > score_thresh) & (wh >= min_size).all(dim=1)
     idx = torch.where(keep)[0]
     boxes, scores, labels, image = boxes[idx], scores[idx], labels[idx], image[idx]
-    if len(counts) == 1:  # no split: a traced model must not bake the count in
-        per_image = [(boxes, scores, labels)]
-    else:
-        n = torch.bincount(image, minlength=len(counts)).tolist()
-        per_image = zip(boxes.split(n), scores.split(n), labels.split(n), strict=True)
+    n = torch.bincount(image, minlength=len(counts)).tolist()
     results = []
-    for b, s, lab in per_image:
+    for b, s, lab in zip(
+        split_per_image(boxes, n),
+        split_per_image(scores, n),
+        split_per_image(labels, n),
+        strict=True,
+    ):
         kept = batched_nms(b, s, lab, nms_thresh)
         if nms_trace is not None:
             nms_trace.append((b, s, lab, kept))

@@ -41,6 +41,7 @@ bookkeeping, greedy resolution) in numpy, whose per-call overhead is a fraction 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -629,7 +630,9 @@ def _greedy_scan(
     return kept
 
 
-_scripted_scan: list = []
+@functools.cache
+def _scripted_scan():
+    return torch.jit.script(_greedy_scan)  # compiled once, when a model is first traced
 
 
 def _traceable_nms(
@@ -639,9 +642,7 @@ def _traceable_nms(
     the scripted :func:`_greedy_scan` (compiled once), which the trace keeps as a call."""
     if torch.onnx.is_in_onnx_export():
         return _OnnxNMS.apply(boxes, scores, idxs, float(iou_threshold))
-    if not _scripted_scan:
-        _scripted_scan.append(torch.jit.script(_greedy_scan))
-    return _scripted_scan[0](*_scan_arguments(boxes, scores, idxs, iou_threshold))
+    return _scripted_scan()(*_scan_arguments(boxes, scores, idxs, iou_threshold))
 
 
 def _scan_arguments(

@@ -312,14 +312,6 @@ def _roi_align(
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    n, c, height, width = input.shape
-    ph, pw = pooled
-    k = rois.shape[0]
-    rows = _channels_last_rows(input, rois.dtype)
-    shape = (n, height, width)
-    if torch.onnx.is_in_onnx_export() and sampling_ratio > 0:
-        # ONNX's own operator: the traced gather below would become a slow ONNX Loop.
-        return _OnnxRoIAlign.apply(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
     if torch.jit.is_tracing():
         # An exported graph keeps no data-dependent Python loop: one grid, one chunk.
         if sampling_ratio <= 0:
@@ -327,10 +319,16 @@ def _roi_align(
                 "roi_align: a traced (exported) model needs sampling_ratio > 0; adaptive "
                 "sampling groups the RoIs by size in Python"
             )
-        grid = (sampling_ratio, sampling_ratio)
-        return _roi_align_group(
-            rows, rois, shape, (ph, pw), spatial_scale, grid, aligned, input.dtype
-        )
+        if torch.onnx.is_in_onnx_export():
+            # ONNX's own operator: the traced gather would become a slow ONNX Loop.
+            ph, pw = pooled
+            return _OnnxRoIAlign.apply(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
+        return _roi_align_one_grid(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
+    n, c, height, width = input.shape
+    ph, pw = pooled
+    k = rois.shape[0]
+    rows = _channels_last_rows(input, rois.dtype)
+    shape = (n, height, width)
     groups = _align_grids(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     values, where = [], []
     for (gh, gw), idx in groups:
@@ -352,6 +350,22 @@ def _roi_align(
     if values:
         out = out.index_copy(0, torch.cat(where), torch.cat(values))
     return out
+
+
+def _roi_align_one_grid(
+    input: Tensor,
+    rois: Tensor,
+    pooled: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign of all ``rois`` on the fixed ``sampling_ratio`` grid in one piece: what a
+    traced model records (no grouping, no chunks)."""
+    rows = _channels_last_rows(input, rois.dtype)
+    shape = (input.shape[0], input.shape[2], input.shape[3])
+    grid = (sampling_ratio, sampling_ratio)
+    return _roi_align_group(rows, rois, shape, pooled, spatial_scale, grid, aligned, input.dtype)
 
 
 def _align_grids(
@@ -383,16 +397,11 @@ def _align_grids(
 class _OnnxRoIAlign(torch.autograd.Function):
     """:func:`roi_align` (fixed ``sampling_ratio``) as ONNX's ``RoiAlign`` (opset 16+: the
     ``coordinate_transformation_mode`` that tells ``aligned`` apart); the values while the
-    exporter traces come from :func:`_roi_align_group`."""
+    exporter traces come from :func:`_roi_align_one_grid`."""
 
     @staticmethod
     def forward(ctx, input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):  # type: ignore[override]
-        rows = _channels_last_rows(input, rois.dtype)
-        shape = (input.shape[0], input.shape[2], input.shape[3])
-        grid = (sampling_ratio, sampling_ratio)
-        return _roi_align_group(
-            rows, rois, shape, (ph, pw), spatial_scale, grid, aligned, input.dtype
-        )
+        return _roi_align_one_grid(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     def symbolic(g, input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):  # type: ignore[override]

@@ -32,7 +32,7 @@ from cnnkit.train.divergence import read_divergence
 from cnnkit.train.history import JSONL_NAME, History
 from cnnkit.train.outputs import METRICS_NAME
 from cnnkit.train.report import REPORT_NAME
-from cnnkit.train.rundir import LOCK_NAME, RUN_FILES, run_markers
+from cnnkit.train.rundir import LOCK_NAME, run_directory, run_markers
 from cnnkit.train.state import CHECKPOINT_NAME
 
 try:
@@ -50,8 +50,6 @@ STATES = ("finished", "running", "interrupted", "diverged")
 IGNORED_TRAIN_FIELDS = frozenset(
     {"out", "quiet", "tensorboard", "save_every", "model", "data", "model_args", "resolved"}
 )
-# Written by `cnnkit evaluate` / `detect evaluate` / `compare` users would not want replaced.
-_PROTECTED = frozenset({*RUN_FILES, LOCK_NAME, "detections.json"})
 
 
 @dataclass
@@ -80,19 +78,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- reading runs
-
-
-def run_directory(path: str | os.PathLike) -> Path:
-    """``path`` as a run directory; ValueError naming it when it is missing, not a directory
-    or holds no run (none of :data:`cnnkit.train.rundir.RUN_MARKERS`)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such run directory")
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory (expected a run directory)")
-    if not run_markers(path):
-        raise ValueError(f"{path}: not a run directory (no {CONFIG_NAME} or {JSONL_NAME})")
-    return path
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -342,35 +327,16 @@ def verdict(run: Run) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the figure
 
 
-def check_figure_path(out: Path) -> None:
-    """ValueError naming ``--out`` when it is a directory, not a .png name, in a missing
-    directory, or a file a run writes in its own directory (config.json, curves.png...)."""
-    if out.is_dir():
-        raise ValueError(f"--out {out}: is a directory; name a .png file")
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: the figure is a PNG; name a .png file")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: directory {parent} does not exist")
-    if out.name in _PROTECTED and run_markers(parent):
-        raise ValueError(f"--out {out}: is a file of the run in {parent}; choose another name")
-
-
 def plot_comparison(
     runs: list[Run], labels: list[str], path: Path, metric: str | None = None
 ) -> None:
     """One PNG at ``path``: the curves of ``metric`` (None: each run's primary metric) of all
     ``runs`` overlaid, one colour per run, train dashed and dev solid, x the epoch; a loss
     panel beside it unless the metric is the loss itself."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from cnnkit.atomic import atomic_write_bytes
+    from cnnkit.viz import save_png  # (it selects the Agg backend)
 
     chosen = [curves(r, metric) for r in runs]
     with_loss = (metric or "").removeprefix("train_").removeprefix("dev_") != "loss"
@@ -392,11 +358,7 @@ def plot_comparison(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    # Through a temporary file and a rename: a reader never sees half a PNG.
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def _draw(ax: Any, run: Run, label: str, c: Curves | None, colour: Any) -> None:

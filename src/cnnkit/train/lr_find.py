@@ -280,14 +280,9 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> None:
     """The loss against the rate (log axis): raw faintly, the suggestion's curve
     (:func:`suggestion_curve`) and the stopping rule's one-way average as lines, the ends of the
     descent and the suggested rate between them marked."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnnkit.atomic import atomic_write_bytes
+    from cnnkit.viz import save_png  # (it selects the Agg backend)
 
     n = next((i for i, v in enumerate(result.losses) if not math.isfinite(v)), len(result.losses))
     rates, losses = result.rates[:n], result.losses[:n]
@@ -313,7 +308,4 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> None:
     ax.set_title("learning-rate range test")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)

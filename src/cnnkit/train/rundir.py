@@ -50,6 +50,42 @@ def run_markers(path: Path) -> list[str]:
     return [name for name in RUN_MARKERS if (path / name).exists()]
 
 
+def run_directory(path: str | os.PathLike, *, require_run: bool = True) -> Path:
+    """``path`` as a run directory; ValueError naming it when it is missing, not a directory,
+    or (``require_run``) holds no run (none of :data:`RUN_MARKERS`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such run directory")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a run directory)")
+    if require_run and not run_markers(path):
+        raise ValueError(f"{path}: not a run directory (no {CONFIG_NAME} or {JSONL_NAME})")
+    return path
+
+
+# Files in a run directory no picture written beside it may replace: the run's own, its lock,
+# a detection run's results.
+PROTECTED_FILES = frozenset({*RUN_FILES, LOCK_NAME, "detections.json"})
+
+
+def check_png_out(out: Path, *, refuse_run_dirs: bool) -> None:
+    """ValueError naming ``--out`` unless a new PNG may be written there: not a directory, a
+    ``.png`` name, in an existing directory, and not a run directory's own file
+    (:data:`PROTECTED_FILES`; any file there when ``refuse_run_dirs``)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give a .png file name")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the picture is a PNG; give a name ending in .png")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: no such directory {out.parent}")
+    found = run_markers(out.parent)
+    if found and (refuse_run_dirs or out.name in PROTECTED_FILES):
+        raise ValueError(
+            f"--out {out} is in the run directory {out.parent} ({', '.join(found)}); write the "
+            "picture elsewhere"
+        )
+
+
 def check_target(path: Path, *, overwrite: bool) -> None:
     """ValueError when ``path`` cannot receive a new run: it is a file, or it holds a run and
     ``overwrite`` is false. Reads only; an empty or missing directory is fine."""
