@@ -308,6 +308,21 @@ def test_damaged_config_fields_are_one_line(run, scenes, tmp_path, capsys, field
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [(None, r"field 'data.spec' is missing"), (5, r"field 'data.spec' must be a --data spec")],
+)
+def test_export_names_a_damaged_data_spec(run, tmp_path, capsys, value, pattern):
+    """A number where the spec should be was reported as a missing field."""
+    mine = _copy(run, tmp_path, "run")
+    config = json.loads((mine / "config.json").read_text())
+    config["data"]["spec"] = value
+    (mine / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "m.ts.pt"
+    _fails(capsys, ["export", str(mine), "--format", "torchscript", "--out", str(out)], pattern)
+    assert not out.exists()
+
+
 def _edited_scenes(scenes, tmp_path, edit):
     root = _copy(scenes, tmp_path, "data")
     splits = {}

@@ -88,12 +88,23 @@ def _out_path(run_dir: Path, fmt: str, out: str | None, overwrite: bool) -> Path
     return path
 
 
+def _data_spec(run_dir: Path, config: dict) -> str:
+    """The run's ``data.spec`` (where its verification images come from); ValueError naming
+    the field when it is missing or not a spec."""
+    spec = (config.get("data") or {}).get("spec")
+    if spec is None:
+        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(
+            f"{run_dir / 'config.json'}: field 'data.spec' must be a --data spec (digits, "
+            f"scenes, coco:ROOT...), got {spec!r}"
+        )
+    return spec
+
+
 def _verification_images(run_dir: Path, config: dict, model) -> tuple[object, str]:
     """The first :data:`VERIFY_IMAGES` uint8 images of the run's test split, and a label."""
-    data = config["data"]
-    spec = data.get("spec")
-    if not spec:
-        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing")
+    spec = _data_spec(run_dir, config)
     _, batches = _eval_split(run_dir, config, model, spec, "test", VERIFY_IMAGES)
     images = next(iter(batches))[0][:VERIFY_IMAGES]
     return images, f"the first {images.shape[0]} images of {spec}'s test split"
@@ -147,9 +158,7 @@ def _detector_images(run_dir: Path, config: dict) -> tuple[list, str]:
     from cnnkit.cli.detect import _read_rgb
     from cnnkit.data.detection import load_detection
 
-    spec = (config.get("data") or {}).get("spec")
-    if not isinstance(spec, str):
-        raise ValueError(f"{run_dir / 'config.json'}: field 'data.spec' is missing")
+    spec = _data_spec(run_dir, config)
     val = load_detection(spec).val
     images = []
     for i in range(min(len(val.file_names), 4 * VERIFY_IMAGES)):
